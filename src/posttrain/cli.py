@@ -1,0 +1,60 @@
+"""Command line: parse -> validate -> call. No logic lives here.
+
+Each command is a module with ``add_parser(subparsers)`` that registers its arguments and sets
+``func`` to a callable taking the parsed namespace and returning an exit status. Heavy imports (torch,
+transformers) happen inside the command functions so ``posttrain --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module that registers it
+COMMANDS = {
+    "sft": "posttrain.commands.sft_cmd",
+    "verify": "posttrain.commands.verify_cmd",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="LLM post-training from one YAML recipe: sft, grpo, eval, export, and a pipeline that chains them.",
+    )
+    from posttrain import __version__
+
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a command whose module is not there yet
+            if exc.name and exc.name.startswith("posttrain"):
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from posttrain.errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"posttrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per CLI command: argument parsing and a call into the library."""
