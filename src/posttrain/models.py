@@ -231,3 +231,10 @@ def count_parameters(model) -> tuple[int, int]:
 def trainable_summary(model) -> str:
     trainable, total = count_parameters(model)
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def decoder_and_head(model):
+    """(decoder, lm_head) of a causal LM, through a PEFT wrapper if there is one. The decoder returns the
+    final (normed) hidden states, so a loss can apply the head in chunks instead of building full logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()

@@ -1,0 +1,1 @@
+"""Data: loading, format standardization, chat templates, tokenization with loss masks, generators."""

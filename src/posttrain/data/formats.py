@@ -1,0 +1,140 @@
+"""Standardize rows of any supported format into one shape: ``{"messages": [...]}`` or ``{"text": ...}``.
+
+Formats: ShareGPT ``conversations`` (role and content keys auto-detected, role aliases mapped as Unsloth's
+``standardize_data_formats`` does), OpenAI ``messages``, ``prompt``/``completion``, plain ``text``, and
+problem/solution/answer columns (OpenMathReasoning style) mapped into an assistant turn.
+"""
+
+from __future__ import annotations
+
+import re
+
+from posttrain.config import ColumnMap, ReasoningMarkers
+from posttrain.errors import UserError
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user", "human": "user", "input": "user",
+    "assistant": "assistant", "gpt": "assistant", "output": "assistant", "model": "assistant", "bot": "assistant",
+}
+
+
+def detect_format(row: dict) -> str:
+    if "messages" in row:
+        return "openai"
+    if "conversations" in row:
+        return "sharegpt"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
+    if "problem" in row:
+        return "columns"
+    raise UserError(f"cannot tell the data format from the columns {sorted(row)}: expected one of "
+                    "messages, conversations, prompt+completion, text, or problem/solution/answer "
+                    "(set data.format and data.columns)")
+
+
+def detect_sharegpt_keys(rows: list[dict]) -> tuple[str, str]:
+    """Like Unsloth: from the first 10 rows, the key with fewer distinct values is the role key."""
+    values: dict[str, set] = {}
+    for row in rows[:10]:
+        for msg in row.get("conversations") or []:
+            if isinstance(msg, dict):
+                for k, v in msg.items():
+                    values.setdefault(k, set()).add(str(v))
+    if len(values) < 2:
+        raise UserError("data: ShareGPT 'conversations' messages need a role key and a content key "
+                        f"(found keys {sorted(values)})")
+    keys = sorted(values, key=lambda k: len(values[k]))
+    return keys[0], keys[-1]
+
+
+def _message(role: str, content, where: str) -> dict:
+    mapped = ROLE_ALIASES.get(str(role).lower())
+    if mapped is None:
+        raise UserError(f"{where}: unknown role {role!r}; known roles: {sorted(ROLE_ALIASES)}")
+    if not isinstance(content, str):
+        raise UserError(f"{where}: message content must be text, got {type(content).__name__}")
+    return {"role": mapped, "content": content}
+
+
+def strip_think(text: str) -> str:
+    return text.replace("<think>", "").replace("</think>", "").strip()
+
+
+def columns_to_messages(row: dict, cols: ColumnMap, template: str, markers: ReasoningMarkers,
+                        where: str) -> list[dict]:
+    for key in (cols.problem, cols.solution, cols.answer):
+        if key is not None and key not in row:
+            raise UserError(f"{where}: column {key!r} not found (columns: {sorted(row)}); set data.columns")
+    solution = strip_think(str(row[cols.solution])) if cols.solution else ""
+    answer = str(row[cols.answer]).strip() if cols.answer else None
+    if template == "reasoning":
+        m = markers
+        body = f"{m.reasoning_start}{solution}{m.reasoning_end}"
+        if answer is not None:
+            body += f"{m.solution_start}{answer}{m.solution_end}"
+    else:
+        body = solution
+        if answer is not None and "\\boxed" not in solution:
+            body = f"{solution}\n\nThe final answer is $\\boxed{{{answer}}}$." if solution else f"\\boxed{{{answer}}}"
+    return [{"role": "user", "content": str(row[cols.problem])}, {"role": "assistant", "content": body}]
+
+
+def standardize(rows: list[dict], fmt: str, *, columns: ColumnMap | None = None, template: str = "tokenizer",
+                markers: ReasoningMarkers | None = None, source: str = "data") -> list[dict]:
+    """-> rows of ``{"messages": [...]}`` or ``{"text": str}``; other columns are kept beside them."""
+    if not rows:
+        return []
+    markers = markers or ReasoningMarkers()
+    fmt = detect_format(rows[0]) if fmt == "auto" else fmt
+    role_key = content_key = None
+    if fmt == "sharegpt":
+        role_key, content_key = detect_sharegpt_keys(rows)
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        extra = {k: v for k, v in row.items() if k not in ("messages", "conversations", "prompt", "completion")}
+        if fmt == "sharegpt":
+            conv = row.get("conversations")
+            if not isinstance(conv, list):
+                raise UserError(f"{where}: 'conversations' must be a list of messages")
+            msgs = [_message(m.get(role_key), m.get(content_key), where) for m in conv]
+        elif fmt == "openai":
+            if "messages" not in row or not isinstance(row["messages"], list):
+                raise UserError(f"{where}: expected a 'messages' list (OpenAI format)")
+            msgs = [_message(m.get("role"), m.get("content"), where) for m in row["messages"]]
+        elif fmt == "prompt_completion":
+            for key in ("prompt", "completion"):
+                if key not in row:
+                    raise UserError(f"{where}: column {key!r} not found (columns: {sorted(row)})")
+            p, c = row["prompt"], row["completion"]
+            msgs = ([_message(m["role"], m["content"], where) for m in p] if isinstance(p, list)
+                    else [{"role": "user", "content": str(p)}])
+            msgs += ([_message(m["role"], m["content"], where) for m in c] if isinstance(c, list)
+                     else [{"role": "assistant", "content": str(c)}])
+        elif fmt == "text":
+            if not isinstance(row.get("text"), str):
+                raise UserError(f"{where}: column 'text' not found or not text (columns: {sorted(row)})")
+            out.append({**extra, "text": row["text"]})
+            continue
+        elif fmt == "columns":
+            msgs = columns_to_messages(row, columns or ColumnMap(), template, markers, where)
+        else:
+            raise UserError(f"data.format={fmt!r} is not supported")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{where}: the conversation has no assistant turn to train on")
+        out.append({**extra, "messages": msgs})
+    return out
+
+
+_NUMERIC = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def is_numeric_answer(value) -> bool:
+    """The seeds' filter: ``pd.to_numeric(answer, errors="coerce")`` is not null (integers, negatives,
+    decimals; LaTeX and expressions are dropped)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == value  # not NaN
+    return isinstance(value, str) and bool(_NUMERIC.match(value))

@@ -1,0 +1,108 @@
+"""Load raw rows from a hub dataset, a local file (JSON, JSONL, Parquet, CSV) or a Python generator."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+from posttrain.config import DataConfig
+from posttrain.errors import UserError
+
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+def resolve_source(cfg: DataConfig) -> str:
+    if cfg.source != "auto":
+        return cfg.source
+    path = cfg.path
+    if path.endswith(FILE_SUFFIXES) or Path(path).is_file():
+        return "file"
+    if ":" in path:
+        return "generator"
+    return "hub"
+
+
+def load_callable(spec: str, what: str = "data.path"):
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise UserError(f"{what}={spec!r}: expected module:function or path/to/file.py:function")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"{what}: file not found: {path}")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise UserError(f"{what}={spec!r}: module {target!r} not found ({exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"{what}={spec!r}: {target} has no function {name!r}")
+    return fn
+
+
+def read_file(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data.path: file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl" or (suffix == ".json" and p.read_text(errors="ignore").lstrip()[:1] != "["):
+        rows = []
+        with p.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{p} line {lineno}: not valid JSON ({exc.msg}); each line must be one object") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{p} line {lineno}: expected a JSON object per line")
+                rows.append(row)
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{p}: not valid JSON ({exc})") from None
+        if not all(isinstance(r, dict) for r in data):
+            raise UserError(f"{p}: expected a list of JSON objects")
+        return data
+    if suffix in (".parquet", ".csv"):
+        import pandas as pd
+
+        df = pd.read_parquet(p) if suffix == ".parquet" else pd.read_csv(p)
+        return df.to_dict(orient="records")
+    raise UserError(f"data.path {p}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet or .csv")
+
+
+def load_rows(cfg: DataConfig) -> list[dict]:
+    source = resolve_source(cfg)
+    if source == "file":
+        rows = read_file(cfg.path)
+        where = cfg.path
+    elif source == "generator":
+        fn = load_callable(cfg.path)
+        rows = [dict(r) for r in fn(**cfg.generator_kwargs)]
+        where = cfg.path
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise UserError("loading a hub dataset needs the datasets package: pip install datasets") from None
+        try:
+            ds = datasets.load_dataset(cfg.path, cfg.config_name, split=cfg.split)
+        except Exception as exc:  # network, missing dataset, wrong split: all need the user's action
+            raise UserError(f"data.path={cfg.path!r} (hub dataset, config={cfg.config_name}, split={cfg.split}) "
+                            f"could not be loaded: {str(exc).splitlines()[0]}") from None
+        rows = ds.to_list()
+        where = cfg.path
+    if not rows:
+        raise UserError(f"data: {where} has no rows")
+    return rows
