@@ -1,0 +1,411 @@
+"""Structural comparison of two parsed answers: the equivalence policy lives here.
+
+``Comparer(symbolic=None).answers(pred_ast, gold_ast) -> (equal, reason)``. With ``symbolic=None`` (the
+in-process fast path) anything that needs sympy raises ``NeedSymbolic`` and the caller sends the pair to
+a worker process, where the same code runs with ``symbolic=SympyBackend()``.
+
+Policy (see docs/verifier.md for the reasons):
+* solution lists and sets are unordered and duplicates collapse; ``a \\pm b`` is the list ``a+b, a-b``;
+* tuples and intervals are ordered and an interval's bracket types must match, except next to ±∞;
+  vectors of three or more entries may use ( ) or [ ]; a one-row/column matrix equals a tuple;
+* ``x = 3`` equals ``3`` either way round; ``x \\in S`` equals ``S``;
+* equations are equal when (lhs - rhs) of one is a non-zero constant multiple of the other's; inequalities
+  when the multiple is positive and the strictness is the same (direction is respected);
+* a gold inequality in one variable matches an equivalent interval; a gold interval does not match a
+  predicted inequality (the model could copy the condition from the problem: math-verify's rule);
+* percent: gold ``50\\%`` accepts ``50\\%`` or ``50``; a predicted ``p\\%`` matches gold ``p`` or ``p/100``;
+* numbers are exact; a decimal literal may stand for a value with no finite decimal expansion (1/3, √2, π)
+  when it has that value rounded or truncated: |d - v| <= one unit in its last place and <= 1e-4·|v|.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+
+from posttrain.rewards.algebra import (
+    RF,
+    TRANSCENDENTAL,
+    Budget,
+    NeedSymbolic,
+    NotScalar,
+    Poly,
+    TooLarge,
+    Undefined,
+    approx,
+    is_finite_decimal,
+    real_sign,
+)
+from posttrain.rewards.evaluate import Inf, canonical_bigpow, evaluate
+from posttrain.rewards.latex_parse import expand_pm
+
+REL_TOL = Decimal("1e-4")
+_FLIP = {">": "<", ">=": "<="}
+_COLLECTIONS = ("list", "set", "empty")
+
+
+def _collection(node):
+    kind = node[0]
+    if kind == "list":
+        items, out_kind = node[1], "list"
+    elif kind == "set":
+        items, out_kind = node[1], "set"
+    elif kind == "empty":
+        return "set", []
+    else:
+        items, out_kind = [node], "one"
+    out = []
+    for it in items:
+        out.extend(expand_pm(it))
+    if out_kind == "one" and len(out) > 1:
+        out_kind = "list"
+    return out_kind, out
+
+
+def _is_inf(node, sign):
+    if sign > 0:
+        return node == ("const", "inf")
+    return node == ("neg", ("const", "inf"))
+
+
+def _assignment(rel):
+    """``x = X`` (or ``X = x``) -> X for a single equation with a lone symbol on one side."""
+    exprs, ops = rel[1], rel[2]
+    if ops != ["="]:
+        return None
+    if exprs[0][0] == "sym" and exprs[1][0] != "sym":
+        return exprs[1]
+    if exprs[1][0] == "sym" and exprs[0][0] != "sym":
+        return exprs[0]
+    if exprs[0][0] == "sym":
+        return exprs[1]
+    return None
+
+
+def _orient(rel):
+    exprs, ops = list(rel[1]), list(rel[2])
+    if ops and all(o in _FLIP for o in ops):
+        return exprs[::-1], [_FLIP[o] for o in ops[::-1]]
+    return exprs, ops
+
+
+def ineq_interval(rel):
+    """A one-variable inequality with constant bounds -> ('brack', o, c, [lo, hi]), else None."""
+    if rel[0] != "rel":
+        return None
+    exprs, ops = _orient(rel)
+    if not all(o in ("<", "<=") for o in ops):
+        return None
+    if len(exprs) == 3 and exprs[1][0] == "sym":
+        if exprs[0][0] == "sym" or exprs[2][0] == "sym":
+            return None
+        return ("brack", "(" if ops[0] == "<" else "[", ")" if ops[1] == "<" else "]", [exprs[0], exprs[2]])
+    if len(exprs) == 2:
+        if exprs[0][0] == "sym" and exprs[1][0] != "sym":  # x < a
+            return ("brack", "(", ")" if ops[0] == "<" else "]", [("neg", ("const", "inf")), exprs[1]])
+        if exprs[1][0] == "sym" and exprs[0][0] != "sym":  # a < x
+            return ("brack", "(" if ops[0] == "<" else "[", ")", [exprs[0], ("const", "inf")])
+    return None
+
+
+def _var_of(rel):
+    exprs = rel[1]
+    return next((e[1] for e in exprs if e[0] == "sym"), None)
+
+
+def _decimal_places(node):
+    while node[0] == "neg":
+        node = node[1]
+    return node[2] if node[0] == "num" else None
+
+
+def _split_by_variables(P: Poly):
+    groups: dict = {}
+    for (n, k, m), c in P.t.items():
+        var = tuple(xe for xe in m if xe[0] not in TRANSCENDENTAL)
+        const = tuple(xe for xe in m if xe[0] in TRANSCENDENTAL)
+        groups.setdefault(var, {})[(n, k, const)] = c
+    return {v: Poly(d) for v, d in groups.items()}
+
+
+def proportional(N1: Poly, N2: Poly, B):
+    """N1 = c·N2 for a constant c != 0? -> sign of c (1, -1, or 0 when c is not a known real); else None."""
+    if N1.is_zero() or N2.is_zero():
+        return 1 if N1.is_zero() and N2.is_zero() else None
+    g1, g2 = _split_by_variables(N1), _split_by_variables(N2)
+    if g1.keys() != g2.keys():
+        return None
+    m0 = min(g1)
+    a0, b0 = g1[m0], g2[m0]
+    for m in g1:
+        if g1[m].mul(b0, B) != a0.mul(g2[m], B):
+            return None
+    s = real_sign(RF(a0, b0))
+    return s if s is not None else 0
+
+
+class Comparer:
+    def __init__(self, symbolic=None):
+        self.B = Budget()
+        self.symbolic = symbolic
+
+    # ------------------------------------------------------------ collections
+    def answers(self, p, g):
+        pk, pitems = _collection(p)
+        gk, gitems = _collection(g)
+        if gk == "list" and all(it[0] == "rel" for it in gitems):
+            ivs = [ineq_interval(it) for it in gitems]
+            if all(ivs) and len({_var_of(it) for it in gitems}) == 1 and pk == "one":
+                gk, gitems = "one", [("union", ivs)]
+        if pk == "one" and gk == "one":
+            return self.item(pitems[0], gitems[0])
+        pu, gu = self._dedupe(pitems), self._dedupe(gitems)
+        if len(pu) != len(gu):
+            return False, "different_count"
+        unused = list(range(len(pu)))
+        for gi in gu:
+            for j in unused:
+                if self.item(pu[j], gi)[0]:
+                    unused.remove(j)
+                    break
+            else:
+                return False, "different_elements"
+        return True, "same_elements"
+
+    def _dedupe(self, items):
+        out = []
+        for it in items:
+            if not any(self.item(it, o)[0] for o in out):
+                out.append(it)
+        return out
+
+    # ------------------------------------------------------------ one answer
+    def item(self, p, g):
+        if g[0] == "in" and p[0] != "in":
+            g = g[2]
+        if p[0] == "in" and g[0] != "in":
+            p = p[2]
+        if p[0] == "in" and g[0] == "in":
+            if p[1] != g[1]:
+                return False, "different_variable"
+            p, g = p[2], g[2]
+        if g[0] == "rel" and p[0] != "rel":
+            a = _assignment(g)
+            if a is not None:
+                g = a
+            else:
+                iv = ineq_interval(g)
+                if iv is None or p[0] not in ("brack", "union"):
+                    return False, "relation_vs_value"
+                g = iv
+        if p[0] == "rel" and g[0] != "rel":
+            a = _assignment(p)
+            if a is not None:
+                p = a
+            elif g[0] in ("brack", "union") and ineq_interval(p) is not None:
+                return False, "inequality_for_interval"
+            else:
+                return False, "relation_vs_value"
+        pk, gk = p[0], g[0]
+        if pk == "rel" and gk == "rel":
+            return self.relation(p, g)
+        if pk in _COLLECTIONS or gk in _COLLECTIONS:
+            return self.answers(p, g)
+        if pk == "union" or gk == "union":
+            return self._union(p, g)
+        if pk == "matrix" or gk == "matrix":
+            return self._matrix(p, g)
+        if pk == "brack" and gk == "brack":
+            return self._brack(p, g)
+        if pk == "brack" or gk == "brack":
+            return False, "different_structure"
+        if pk == "text" or gk == "text":
+            if pk == gk and " ".join(p[1].lower().split()) == " ".join(g[1].lower().split()):
+                return True, "same_text"
+            return False, "different_text"
+        return self.leaf(p, g)
+
+    def _brack(self, p, g):
+        pi, gi = p[3], g[3]
+        if len(pi) != len(gi):
+            return False, "different_length"
+        if len(gi) == 2:
+            if p[1] != g[1] and not (_is_inf(gi[0], -1) and _is_inf(pi[0], -1)):
+                return False, "different_brackets"
+            if p[2] != g[2] and not (_is_inf(gi[1], 1) and _is_inf(pi[1], 1)):
+                return False, "different_brackets"
+        for a, b in zip(pi, gi):
+            ok, why = self.item(a, b)
+            if not ok:
+                return False, why
+        return True, "same_elements"
+
+    def _union(self, p, g):
+        def parts(n):
+            return n[1] if n[0] == "union" else [n]
+
+        pp, gp = parts(p), parts(g)
+        if len(pp) != len(gp):
+            return False, "different_count"
+        unused = list(range(len(pp)))
+        for b in gp:
+            for j in unused:
+                if self.item(pp[j], b)[0]:
+                    unused.remove(j)
+                    break
+            else:
+                return False, "different_elements"
+        return True, "same_elements"
+
+    def _matrix(self, p, g):
+        def cells(n):
+            if n[0] == "matrix":
+                return n[1], n[2]
+            if n[0] == "brack" and n[1] + n[2] in ("()", "[]"):
+                return "vector", [n[3]]
+            return None, None
+
+        pk, prow = cells(p)
+        gk, grow = cells(g)
+        if pk is None or gk is None:
+            return False, "different_structure"
+        if "vector" in (pk, gk):  # a tuple equals a one-row or one-column matrix
+            if pk == "det" or gk == "det":
+                return False, "different_structure"
+            pflat = [c for r in prow for c in r] if len(prow) == 1 or all(len(r) == 1 for r in prow) else None
+            gflat = [c for r in grow for c in r] if len(grow) == 1 or all(len(r) == 1 for r in grow) else None
+            if pflat is None or gflat is None or len(pflat) != len(gflat):
+                return False, "different_shape"
+            pairs = zip(pflat, gflat)
+        else:
+            if pk != gk:
+                return False, "different_structure"
+            if len(prow) != len(grow) or len(prow[0]) != len(grow[0]):
+                return False, "different_shape"
+            pairs = ((a, b) for ra, rb in zip(prow, grow) for a, b in zip(ra, rb))
+        for a, b in pairs:
+            ok, why = self.item(a, b)
+            if not ok:
+                return False, why
+        return True, "same_elements"
+
+    # ------------------------------------------------------------ relations
+    def relation(self, p, g):
+        pe, po = _orient(p)
+        ge, go = _orient(g)
+        if po != go:
+            return False, "different_relation"
+        if len(po) > 1:
+            pi, gi = ineq_interval(p), ineq_interval(g)
+            if pi is not None and gi is not None and _var_of(p) == _var_of(g):
+                return self._brack(pi, gi)
+            for a, b in zip(pe, ge):
+                ok, why = self.item(a, b)
+                if not ok:
+                    return False, why
+            return True, "same_relation"
+        try:
+            ap = evaluate(("add", [pe[0], ("neg", pe[1])]), self.B)
+            ag = evaluate(("add", [ge[0], ("neg", ge[1])]), self.B)
+            if isinstance(ap, Inf) or isinstance(ag, Inf):
+                raise NeedSymbolic("infinite relation")
+            c = proportional(ap.num, ag.num, self.B)
+            if po[0] in ("=", "!="):
+                if c is not None:
+                    return True, "equivalent_equation"
+                if ap.den.variables() or ag.den.variables():
+                    raise NeedSymbolic("equation with variable denominators")
+                return False, "different_equation"
+            sp_, sg = real_sign(RF(ap.den)), real_sign(RF(ag.den))
+            if not sp_ or not sg:
+                raise NeedSymbolic("inequality with a denominator of unknown sign")
+            if c is not None and c * sp_ * sg > 0:
+                return True, "equivalent_inequality"
+            return False, "different_inequality"
+        except (NeedSymbolic, TooLarge) as exc:
+            if self.symbolic is None:
+                raise NeedSymbolic(str(exc)) from None
+            return self.symbolic.relation(pe, po, ge, go)
+        except (Undefined, NotScalar):
+            return False, "different_relation"
+
+    # ------------------------------------------------------------ scalars
+    def leaf(self, p, g):
+        if g[0] == "pct":  # gold 50%: the prediction gives the number of percent, with or without %
+            return self.value(p[1] if p[0] == "pct" else p, g[1])
+        if p[0] == "pct":  # prediction p%: either the number of percent or the fraction p/100
+            ok, why = self.value(p[1], g)
+            return (ok, why) if ok else self.value(p, g)
+        return self.value(p, g)
+
+    def value(self, p, g):
+        vals, need = [], None
+        for node in (p, g):
+            try:
+                vals.append(evaluate(node, self.B))
+            except (NeedSymbolic,) as exc:
+                need = exc
+                vals.append(None)
+            except TooLarge as exc:
+                vals.append(exc)
+            except Undefined:
+                return False, "undefined"
+            except NotScalar:
+                return False, "different_structure"
+        vp, vg = vals
+        if need is not None and not any(isinstance(v, TooLarge) for v in vals):
+            if self.symbolic is None:
+                raise need
+            return self.symbolic.leaf(p, g)
+        if isinstance(vp, TooLarge) or isinstance(vg, TooLarge):
+            return self._too_large(vp, vg)
+        if isinstance(vp, Inf) or isinstance(vg, Inf):
+            return (vp == vg), ("same_infinity" if vp == vg else "different_value")
+        try:
+            if vp.equals(vg, self.B):
+                return True, "exact"
+        except (NeedSymbolic, TooLarge) as exc:
+            if self.symbolic is None:
+                raise NeedSymbolic(str(exc)) from None
+            return self.symbolic.leaf(p, g)
+        if self._decimal_close(p, vp, vg) or self._decimal_close(g, vg, vp):
+            return True, "decimal_rounding"
+        return False, "different_value"
+
+    @staticmethod
+    def _too_large(vp, vg):
+        bp = [v.bigpow if isinstance(v, TooLarge) else None for v in (vp, vg)]
+        if all(isinstance(v, TooLarge) for v in (vp, vg)):
+            a, b = (canonical_bigpow(x) if x else None for x in bp)
+            if a is not None and b is not None:
+                return (a == b), ("exact" if a == b else "different_value")
+            return False, "too_large"
+        if any(b is not None for b in bp) and not any(isinstance(v, Inf) for v in (vp, vg)):
+            # b^e whose reduced numerator or denominator exceeds every cap cannot equal an in-cap value
+            return False, "different_magnitude"
+        return False, "too_large"
+
+    @staticmethod
+    def _decimal_close(dnode, dval, other):
+        """``dnode`` is a decimal literal standing for ``other`` rounded or truncated (see module doc)."""
+        places = _decimal_places(dnode)
+        if not places or not isinstance(other, RF) or is_finite_decimal(other):
+            return False
+        d = dval.rational()
+        ap = approx(other)
+        if d is None or ap is None:
+            return False
+        re_, im_ = ap
+        if im_ != 0 or re_ == 0:
+            return False
+        diff = abs(Decimal(d.numerator) / Decimal(d.denominator) - re_)
+        return diff <= Decimal(10) ** -places and diff <= REL_TOL * abs(re_)
+
+
+def exact_fraction(node) -> Fraction | None:
+    """The exact rational value of a constant node (helper for rewards and tests)."""
+    try:
+        v = evaluate(node)
+    except (NeedSymbolic, TooLarge, Undefined, NotScalar):
+        return None
+    return v.rational() if isinstance(v, RF) else None

@@ -1,0 +1,254 @@
+"""Reward lookup (built-ins, presets, custom functions), weighted sums, metrics and failure handling.
+
+Specs: a built-in name (``math_accuracy``, ``format_exact``, ``format_approx``, ``answer_tiers``,
+``number_match``, ``boxed_format``, ``think_format``, ``soft_overlong``), a preset (``unsloth_math`` =
+the four Unsloth functions), a custom function ``package.module:function`` or ``path/to/file.py:function``,
+or a dict ``{"name": <any of those>, "weight": 2.0, <keyword arguments for the built-in>}``. Custom
+functions keep TRL's contract, so TRL's own ``trl.rewards.accuracy_reward`` works unchanged.
+
+``RewardSet`` calls every function on a batch and returns the weighted total per sample (the sum over the
+functions that did not return None; None when all did), the per-function values and metrics named like
+TRL's (``reward``, ``reward_std``, ``rewards/<name>/mean``, ``rewards/<name>/std``) plus
+``rewards/<name>/failures``. A function that raises is retried sample by sample; a sample that still
+raises gets None, is counted, and the first traceback of each function is logged once. When more than
+``max_failure_fraction`` of a batch fails for one function, ``RewardFailureError`` stops the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import logging
+import math
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+from posttrain.errors import UserError
+from posttrain.rewards.functions import BoxedFormat, MathAccuracy, SoftOverlong, ThinkFormat, nan_to_none
+from posttrain.rewards.unsloth import PRESET, AnswerTiers, FormatApprox, FormatExact, NumberMatch
+
+log = logging.getLogger("posttrain.rewards")
+
+BUILTINS = {
+    "math_accuracy": MathAccuracy,
+    "format_exact": FormatExact,
+    "format_approx": FormatApprox,
+    "answer_tiers": AnswerTiers,
+    "number_match": NumberMatch,
+    "boxed_format": BoxedFormat,
+    "think_format": ThinkFormat,
+    "soft_overlong": SoftOverlong,
+}
+PRESETS = {"unsloth_math": PRESET}
+
+
+class RewardFailureError(UserError):
+    """Too many samples of a batch failed in one reward function."""
+
+
+def _accepts(cls, key):
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    return key in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _build(cls, kwargs, shared, where):
+    kw = {k: v for k, v in shared.items() if v is not None and _accepts(cls, k)}
+    kw.update(kwargs)
+    try:
+        return cls(**kw)
+    except TypeError as exc:
+        raise UserError(f"{where}: bad arguments for reward {cls.__name__!r}: {exc}") from None
+
+
+def load_custom(spec: str):
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UserError(f"reward {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise UserError(f"reward {spec!r}: file {str(path)!r} not found (paths are relative to the working directory)")
+        name = "posttrain_user_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        module = sys.modules.get(name)
+        if module is None:
+            mspec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[name] = module
+            try:
+                mspec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[name]
+                raise UserError(f"reward {spec!r}: importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UserError(f"reward {spec!r}: cannot import module {target!r} ({exc}); is it installed or on PYTHONPATH?") from exc
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise UserError(f"reward {spec!r}: {target!r} has no callable {attr!r}")
+    return fn
+
+
+def _named(fn, name):
+    if getattr(fn, "__name__", None) == name:
+        return fn
+    wrapper = functools.wraps(fn)(lambda *a, **k: fn(*a, **k)) if not isinstance(fn, functools.partial) else fn
+    try:
+        wrapper.__name__ = name
+    except (AttributeError, TypeError):
+        pass
+    return wrapper
+
+
+def _resolve(spec, shared) -> list[tuple[object, float]]:
+    """One spec -> [(callable, weight)] (a preset gives several)."""
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        name = spec.pop("name", None) or spec.pop("func", None)
+        weight = float(spec.pop("weight", 1.0))
+        kwargs = spec
+    elif isinstance(spec, str):
+        name, weight, kwargs = spec, 1.0, {}
+    elif callable(spec):
+        return [(spec, 1.0)]
+    else:
+        raise UserError(f"reward spec {spec!r}: expected a name, 'module:function', or a mapping with 'name'")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"reward spec {spec!r}: missing 'name'")
+    if name in BUILTINS:
+        return [(_build(BUILTINS[name], kwargs, shared, f"reward {name!r}"), weight)]
+    if name in PRESETS:
+        return [(_build(cls, kwargs, shared, f"preset {name!r}"), weight) for cls in PRESETS[name]]
+    if ":" in name:
+        fn = load_custom(name)
+        if kwargs:
+            fn = functools.update_wrapper(functools.partial(fn, **kwargs), fn)
+        return [(fn, weight)]
+    valid = ", ".join(sorted(BUILTINS) + sorted(PRESETS))
+    raise UserError(f"unknown reward {name!r}; built-ins: {valid}; or a custom 'package.module:function' / 'file.py:function'")
+
+
+def get_reward_funcs(names_or_specs, *, prompt_suffix=None, pool=None, markers=None) -> list:
+    """Reward callables (each with ``__name__``) for a list of specs; presets expand in place.
+
+    ``prompt_suffix``: what the chat template's generation prompt appends (see
+    ``functions.generation_suffix``); format rewards prepend it. ``pool``: the ``VerifierPool`` for
+    ``math_accuracy``. ``markers``: ``functions.Markers`` for the Unsloth preset.
+    """
+    shared = {"prompt_suffix": prompt_suffix, "pool": pool, "markers": markers}
+    return [fn for spec in _as_list(names_or_specs) for fn, _ in _resolve(spec, shared)]
+
+
+def _as_list(specs):
+    if isinstance(specs, (str, dict)) or callable(specs):
+        return [specs]
+    return list(specs)
+
+
+class RewardSet:
+    """Reward functions with weights: ``total, per_reward, metrics = rs(prompts, completions, **columns)``."""
+
+    def __init__(self, funcs, weights=None, *, max_failure_fraction: float = 0.5):
+        funcs = list(funcs)
+        weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(funcs):
+            raise UserError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
+        if not 0 <= max_failure_fraction <= 1:
+            raise UserError(f"max_failure_fraction must be between 0 and 1, got {max_failure_fraction}")
+        self.funcs, self.weights = funcs, weights
+        self.max_failure_fraction = max_failure_fraction
+        self.names = []
+        for f in funcs:
+            base = getattr(f, "__name__", None) or type(f).__name__
+            name, k = base, 2
+            while name in self.names:
+                name, k = f"{base}_{k}", k + 1
+            self.names.append(name)
+        self.failures = {n: 0 for n in self.names}
+        self._logged: set[str] = set()
+        self._first_error: dict[str, str] = {}
+
+    @classmethod
+    def from_specs(cls, specs, *, prompt_suffix=None, pool=None, markers=None, max_failure_fraction=0.5):
+        shared = {"prompt_suffix": prompt_suffix, "pool": pool, "markers": markers}
+        pairs = [pair for spec in _as_list(specs) for pair in _resolve(spec, shared)]
+        return cls([f for f, _ in pairs], [w for _, w in pairs], max_failure_fraction=max_failure_fraction)
+
+    def __call__(self, prompts, completions, **columns):
+        n = len(completions)
+        per_reward: dict[str, list] = {}
+        metrics: dict[str, float] = {}
+        for name, fn, w in zip(self.names, self.funcs, self.weights):
+            values, failed = self._call_one(name, fn, prompts, completions, columns, n)
+            per_reward[name] = values
+            self.failures[name] += failed
+            present = [v for v in values if v is not None]
+            metrics[f"rewards/{name}/mean"] = statistics.fmean(present) if present else float("nan")
+            metrics[f"rewards/{name}/std"] = statistics.pstdev(present) if len(present) > 1 else 0.0
+            metrics[f"rewards/{name}/failures"] = failed
+            for key, val in (fn.metrics() if hasattr(fn, "metrics") and callable(fn.metrics) else {}).items():
+                metrics[f"rewards/{name}/{key}"] = val
+            if n and failed > self.max_failure_fraction * n:
+                raise RewardFailureError(
+                    f"reward {name!r} failed on {failed} of {n} samples in one batch (limit "
+                    f"{self.max_failure_fraction:.0%}); first error: {self._first_error.get(name, '?')}. "
+                    f"Fix the reward function (its traceback is in the log) or raise max_failure_fraction."
+                )
+        total: list[float | None] = []
+        for i in range(n):
+            parts = [w * per_reward[nm][i] for nm, w in zip(self.names, self.weights) if per_reward[nm][i] is not None]
+            total.append(math.fsum(parts) if parts else None)
+        present = [t for t in total if t is not None]
+        metrics["reward"] = statistics.fmean(present) if present else float("nan")
+        metrics["reward_std"] = statistics.pstdev(present) if len(present) > 1 else 0.0
+        return total, per_reward, metrics
+
+    def _log_failure(self, name, exc):
+        if name not in self._logged:
+            self._logged.add(name)
+            self._first_error[name] = f"{type(exc).__name__}: {exc}"
+            log.error("reward %r raised (this traceback is logged once; failing samples get None):\n%s",
+                      name, "".join(traceback.format_exception(exc)))
+
+    def _call_one(self, name, fn, prompts, completions, columns, n):
+        try:
+            values = self._check(name, fn(prompts=prompts, completions=completions, **columns), n)
+            return values, 0
+        except Exception as exc:  # noqa: BLE001 - a reward bug must not kill the run: retry per sample
+            self._log_failure(name, exc)
+        values, failed = [], 0
+        for i in range(n):
+            sub = {k: (v[i : i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v) for k, v in columns.items()}
+            p = prompts[i : i + 1] if isinstance(prompts, (list, tuple)) and len(prompts) == n else prompts
+            try:
+                values.append(self._check(name, fn(prompts=p, completions=completions[i : i + 1], **sub), 1)[0])
+            except Exception as exc:  # noqa: BLE001
+                self._log_failure(name, exc)
+                values.append(None)
+                failed += 1
+        return values, failed
+
+    @staticmethod
+    def _check(name, values, n):
+        if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+            raise TypeError(f"reward {name!r} returned {type(values).__name__}, expected a list of floats")
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"reward {name!r} returned {len(values)} values for {n} completions")
+        out = []
+        for v in values:
+            if v is not None and not isinstance(v, (int, float)):
+                if hasattr(v, "item"):  # a tensor or numpy scalar
+                    v = v.item()
+                else:
+                    raise TypeError(f"reward {name!r} returned a {type(v).__name__}, expected float or None")
+            out.append(nan_to_none(float(v)) if v is not None else None)
+        return out

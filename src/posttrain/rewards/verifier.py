@@ -1,0 +1,252 @@
+"""``verify(prediction, gold) -> Verdict``: the answer-equivalence ladder.
+
+Rungs, cheapest first:
+1. prepare: unwrap ``\\boxed{}`` and math delimiters, normalise (normalize.py);
+2. equal normalised strings;
+3. text answers (``\\text{Evelyn}``, words) compared case-insensitively;
+4. our own grammar (latex_parse.py) + exact algebra (algebra.py, evaluate.py) + structure rules
+   (compare.py): numbers, radicals, i, π, polynomials and rational functions, lists, sets, tuples,
+   intervals, matrices, equations and inequalities. This runs in-process: every operation is capped, so
+   it is provably short (no pool, no IPC);
+5. what needs sympy (functions, roots of expressions, answers our grammar rejects) goes to a worker
+   process with a hard wall-clock limit (pool.py); a timeout is the verdict ``timeout``.
+
+Several boxes: in a gold they are one multi-part answer (a list); in a prediction the last box is the
+answer, unless the gold has several parts, in which case all the prediction's boxes form the list.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from posttrain.rewards.algebra import NeedSymbolic
+from posttrain.rewards.compare import Comparer
+from posttrain.rewards.extract import find_boxes
+from posttrain.rewards.latex_parse import ParseError, parse
+from posttrain.rewards.normalize import MAX_ANSWER_CHARS, compact, normalize
+
+DEFAULT_TIMEOUT = 2.0
+_COMMA_NUMBER_RE = re.compile(r"^\s*\$?\s*-?\d{1,3}(,\d{3})+(\.\d+)?\s*$")
+_WORDS_RE = re.compile(r"^[A-Za-z][A-Za-z' \-]*$")
+_TEXT_WRAP_RE = re.compile(r"^\\text\{(.*)\}$")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The result of one comparison. ``reason`` is a short code (see docs/verifier.md)."""
+
+    equal: bool
+    reason: str
+    pred_normalized: str = ""
+    gold_normalized: str = ""
+
+    def __bool__(self) -> bool:
+        return self.equal
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _boxes_or_text(s: str) -> list[str]:
+    if "\\boxed" in s or "\\fbox" in s:
+        boxes, truncated = find_boxes(s)
+        if truncated or not boxes:
+            return []
+        return boxes
+    return [s]
+
+
+def prepare(prediction: str, gold: str) -> tuple[str, str, bool]:
+    """(prediction answer, gold answer, gold has several parts) with boxes unwrapped."""
+    golds = _boxes_or_text(gold)
+    preds = _boxes_or_text(prediction)
+    multi = len(golds) > 1
+    gold_ans = ", ".join(golds)
+    if multi:
+        pred_ans = ", ".join(preds)
+    else:
+        pred_ans = preds[-1] if preds else ""
+    return pred_ans, gold_ans, multi
+
+
+def _is_text(norm: str) -> str | None:
+    m = _TEXT_WRAP_RE.match(norm)
+    if m and "\\" not in m.group(1):
+        return m.group(1)
+    if _WORDS_RE.match(norm) and re.search(r"[A-Za-z]{3}", norm) and not re.search(r"\b(?:sqrt|frac|pi|infty)\b", norm):
+        return norm
+    return None
+
+
+def _text_key(s: str) -> str:
+    return " ".join(s.lower().replace("-", " ").split())
+
+
+class _Prepared:
+    __slots__ = ("pred", "gold", "pred_ast", "gold_ast", "verdict", "pred_err", "gold_err")
+
+
+def _stage(prediction: str, gold: str) -> _Prepared:
+    """Rungs 1-3 and the parse. Sets ``.verdict`` when already decided."""
+    st = _Prepared()
+    st.verdict = None
+    st.pred_ast = st.gold_ast = None
+    st.pred_err = st.gold_err = None
+    pred_ans, gold_ans, multi = prepare(prediction or "", gold or "")
+    gnorm = normalize(gold_ans, comma_thousands=bool(_COMMA_NUMBER_RE.match(gold_ans)))
+    st.gold = gnorm
+    if gnorm:
+        try:
+            st.gold_ast = parse(gnorm) if len(gnorm) <= MAX_ANSWER_CHARS else None
+        except ParseError as exc:
+            st.gold_err = str(exc)
+    single_gold = not multi and (st.gold_ast is None or st.gold_ast[0] not in ("list", "set", "brack", "matrix"))
+    pnorm = normalize(pred_ans, comma_thousands=single_gold)
+    st.pred = pnorm
+    if not gnorm:
+        st.verdict = Verdict(False, "unparseable_gold", pnorm, gnorm)
+        return st
+    if not pnorm:
+        st.verdict = Verdict(False, "no_prediction", pnorm, gnorm)
+        return st
+    if compact(pnorm) == compact(gnorm):
+        st.verdict = Verdict(True, "same_string", pnorm, gnorm)
+        return st
+    if len(pnorm) > MAX_ANSWER_CHARS or len(gnorm) > MAX_ANSWER_CHARS:
+        st.verdict = Verdict(False, "too_long", pnorm[:200], gnorm[:200])
+        return st
+    gt, pt = _is_text(gnorm), _is_text(pnorm)
+    if gt is not None or pt is not None:
+        if gt is not None and pt is not None:
+            eq = _text_key(gt) == _text_key(pt)
+            st.verdict = Verdict(eq, "same_text" if eq else "different_text", pnorm, gnorm)
+            return st
+        if gt is not None and st.gold_ast is None:
+            st.verdict = Verdict(False, "different_text", pnorm, gnorm)
+            return st
+    try:
+        st.pred_ast = parse(pnorm)
+    except ParseError as exc:
+        st.pred_err = str(exc)
+    return st
+
+
+def _finish(st: _Prepared, comparer: Comparer) -> Verdict:
+    """Rung 4 (and 5 when ``comparer`` has a symbolic backend). May raise NeedSymbolic."""
+    if st.gold_ast is None or st.pred_ast is None:
+        raise NeedSymbolic("a side our grammar does not parse")
+    equal, reason = comparer.answers(st.pred_ast, st.gold_ast)
+    return Verdict(equal, reason, st.pred, st.gold)
+
+
+def verify_fast(prediction: str, gold: str) -> Verdict | None:
+    """The in-process rungs; None when the pair needs sympy (a worker process)."""
+    st = _stage(prediction, gold)
+    if st.verdict is not None:
+        return st.verdict
+    if st.gold_ast is None and not _may_parse_elsewhere(st.gold):
+        return Verdict(False, "unparseable_gold", st.pred, st.gold)
+    if st.pred_ast is None and st.gold_ast is not None and not _may_parse_elsewhere(st.pred):
+        return Verdict(False, "unparseable_prediction", st.pred, st.gold)
+    try:
+        return _finish(st, Comparer())
+    except NeedSymbolic:
+        return None
+
+
+def _may_parse_elsewhere(norm: str) -> bool:
+    """latex2sympy2_extended might parse what our grammar rejects only when LaTeX commands are present."""
+    return "\\" in norm and len(norm) <= 500
+
+
+def gold_parseable(gold: str) -> bool:
+    """Can this gold be compared at all? (False: empty, or rejected by every parser we have.)"""
+    _, gold_ans, _ = prepare("", gold or "")
+    norm = normalize(gold_ans)
+    if not norm:
+        return False
+    if _is_text(norm) is not None or _may_parse_elsewhere(norm):
+        return True
+    try:
+        parse(norm)
+        return True
+    except (ParseError, RecursionError):
+        return False
+
+
+def verify_symbolic(prediction: str, gold: str) -> Verdict:
+    """All rungs including sympy; runs inside a worker process (pool.py)."""
+    from posttrain.rewards.symbolic import SympyBackend, latex2sympy_fallback
+
+    st = _stage(prediction, gold)
+    if st.verdict is not None:
+        return st.verdict
+    backend = SympyBackend()
+    if st.gold_ast is not None and st.pred_ast is not None:
+        try:
+            return _finish(st, Comparer(symbolic=backend))
+        except Exception as exc:  # noqa: BLE001 - report sympy's failure as a verdict
+            if isinstance(exc, (MemoryError, RecursionError)):
+                return Verdict(False, "too_large", st.pred, st.gold)
+            from posttrain.rewards.algebra import TooLarge
+
+            if isinstance(exc, TooLarge):
+                return Verdict(False, "too_large", st.pred, st.gold)
+            return Verdict(False, f"error:{type(exc).__name__}", st.pred, st.gold)
+    # one side (or both) only parses with latex2sympy2_extended: compare as scalars
+    from posttrain.rewards.symbolic import to_sympy
+
+    sides = []
+    for ast, norm in ((st.pred_ast, st.pred), (st.gold_ast, st.gold)):
+        expr = None
+        try:
+            expr = to_sympy(ast) if ast is not None else latex2sympy_fallback(norm)
+        except Exception:  # noqa: BLE001 - a structure or an unsupported node: not comparable as a scalar
+            expr = None
+        sides.append(expr)
+    a, b = sides
+    if b is None:
+        return Verdict(False, "unparseable_gold", st.pred, st.gold)
+    if a is None:
+        return Verdict(False, "unparseable_prediction", st.pred, st.gold)
+    try:
+        import sympy as sp
+
+        if isinstance(a, sp.Expr) and isinstance(b, sp.Expr):
+            eq, reason = backend.compare_exprs(a, b)
+        else:
+            eq = a == b
+            reason = "symbolic" if eq else "different_value"
+        return Verdict(bool(eq), reason, st.pred, st.gold)
+    except Exception as exc:  # noqa: BLE001
+        return Verdict(False, f"error:{type(exc).__name__}", st.pred, st.gold)
+
+
+def verify(prediction: str, gold: str, *, timeout: float = DEFAULT_TIMEOUT, pool=None) -> Verdict:
+    """Is ``prediction`` the same answer as ``gold``? Never raises for any input strings.
+
+    Ordinary answers are decided in-process; symbolic ones in ``pool`` (default: a shared
+    ``VerifierPool``, started on first need) under a hard ``timeout`` in seconds.
+
+    >>> verify(r"\\frac{1}{2}", "0.5").equal
+    True
+    >>> verify("x = 3", "3").reason
+    'exact'
+    """
+    if not isinstance(prediction, str) or not isinstance(gold, str):
+        prediction = "" if prediction is None else str(prediction)
+        gold = "" if gold is None else str(gold)
+    try:
+        fast = verify_fast(prediction, gold)
+    except RecursionError:
+        return Verdict(False, "too_large")
+    except Exception:  # noqa: BLE001 - never raise for model output: let the worker decide (and report)
+        fast = None
+    if fast is not None:
+        return fast
+    if pool is None:
+        from posttrain.rewards.pool import default_pool
+
+        pool = default_pool()
+    return pool.verify(prediction, gold, timeout=timeout)
