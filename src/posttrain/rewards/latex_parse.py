@@ -346,7 +346,7 @@ class _Parser:
         if k == "id":
             self.next()
             return ("sym", v)
-        if k == "cmd":
+        if k == "cmd" or (k, v) == ("op", "("):  # \frac\pi2, and the common slip \sqrt(2)
             return self.parse_atom()
         raise ParseError("missing macro argument")
 

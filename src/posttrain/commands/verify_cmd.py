@@ -1,0 +1,115 @@
+"""``posttrain verify``: compare answers with posttrain's verifier.
+
+    posttrain verify PREDICTION GOLD          prints the verdict; exit 0 when equal, 1 when not
+    posttrain verify --file pairs.jsonl       one JSON line per pair with "equal" and "reason" added
+                     [--out results.jsonl]    (to --out or stdout); a summary goes to stderr
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "verify",
+        help="check whether a predicted answer equals the gold answer",
+        description="Compare a predicted answer with a gold answer (LaTeX or plain text). Exit status 0 "
+        "when equal, 1 when not. With --file, compare every line of a JSONL file of "
+        '{"prediction": ..., "gold": ...} objects.',
+    )
+    p.add_argument("prediction", nargs="?", help="the predicted answer (a \\boxed{} in it is unwrapped)")
+    p.add_argument("gold", nargs="?", help="the gold answer")
+    p.add_argument("--file", help="JSONL file of {\"prediction\": ..., \"gold\": ...} lines (other fields kept)")
+    p.add_argument("--out", help="write the JSONL results here instead of stdout (with --file)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per pair for symbolic checks (default 2)")
+    p.add_argument("--workers", type=int, default=None, help="verifier worker processes (default: up to 4)")
+    p.add_argument("--json", action="store_true", help="print the single verdict as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from posttrain.errors import UserError
+
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be positive, got {args.timeout}")
+    if args.file:
+        if args.prediction is not None:
+            raise UserError("give either PREDICTION GOLD or --file, not both")
+        return _run_file(args)
+    if args.prediction is None or args.gold is None:
+        raise UserError("give PREDICTION and GOLD (e.g. posttrain verify '\\frac{1}{2}' 0.5), or --file pairs.jsonl")
+    from posttrain.rewards import VerifierPool
+
+    with VerifierPool(workers=args.workers or 1, timeout=args.timeout) as pool:
+        v = pool.verify(args.prediction, args.gold)
+    if args.json:
+        print(json.dumps(v.to_dict(), ensure_ascii=False))
+    else:
+        print(f"{'equal' if v.equal else 'not equal'} ({v.reason})")
+        print(f"  prediction: {v.pred_normalized}")
+        print(f"  gold:       {v.gold_normalized}")
+    return 0 if v.equal else 1
+
+
+def _read_pairs(path):
+    from posttrain.errors import UserError
+
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--file {path!r}: cannot open ({exc.strerror})") from None
+    rows = []
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one object") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in ("prediction", "gold") if k not in row]
+            if missing:
+                raise UserError(f"{path}:{lineno}: missing key {missing[0]!r}; each line needs \"prediction\" and \"gold\"")
+            rows.append(row)
+    return rows
+
+
+def _run_file(args) -> int:
+    from posttrain.errors import UserError
+    from posttrain.rewards import VerifierPool
+
+    rows = _read_pairs(args.file)
+    t0 = time.perf_counter()
+    with VerifierPool(workers=args.workers, timeout=args.timeout) as pool:
+        verdicts = pool.verify_many([(_text(r["prediction"]), _text(r["gold"])) for r in rows])
+        stats = dict(pool.stats)
+    elapsed = time.perf_counter() - t0
+    try:
+        out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    except OSError as exc:
+        raise UserError(f"--out {args.out!r}: cannot write ({exc.strerror})") from None
+    try:
+        for row, v in zip(rows, verdicts):
+            out.write(json.dumps({**row, "equal": v.equal, "reason": v.reason}, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    n_equal = sum(v.equal for v in verdicts)
+    print(
+        f"verify: {len(rows)} pairs, {n_equal} equal, {len(rows) - n_equal} not equal, "
+        f"{stats['timeouts']} timeouts; {stats['fast']} decided in-process, {stats['pooled']} by workers; "
+        f"{elapsed:.2f} s" + (f"; results in {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _text(x) -> str:
+    if x is None:
+        return ""
+    return x if isinstance(x, str) else json.dumps(x) if isinstance(x, (list, dict)) else str(x)
