@@ -128,6 +128,26 @@ def _split_by_variables(P: Poly):
     return {v: Poly(d) for v, d in groups.items()}
 
 
+def clear_denominators(P: Poly):
+    """Multiply by the monomial that makes every variable exponent >= 0 (y - 1/x -> xy - 1).
+
+    Returns (polynomial, whether a variable factor was multiplied in)."""
+    low: dict[str, int] = {}
+    for (_, _, m) in P.t:
+        for x, e in m:
+            if x not in TRANSCENDENTAL and e < low.get(x, 0):
+                low[x] = e
+    if not low:
+        return P, False
+    t = {}
+    for (n, k, m), c in P.t.items():
+        d = dict(m)
+        for x, e in low.items():
+            d[x] = d.get(x, 0) - e
+        t[(n, k, tuple(sorted((x, e) for x, e in d.items() if e)))] = c
+    return Poly(t), True
+
+
 def proportional(N1: Poly, N2: Poly, B):
     """N1 = c·N2 for a constant c != 0? -> sign of c (1, -1, or 0 when c is not a known real); else None."""
     if N1.is_zero() or N2.is_zero():
@@ -309,7 +329,11 @@ class Comparer:
             ag = evaluate(("add", [ge[0], ("neg", ge[1])]), self.B)
             if isinstance(ap, Inf) or isinstance(ag, Inf):
                 raise NeedSymbolic("infinite relation")
-            c = proportional(ap.num, ag.num, self.B)
+            np_, shifted_p = clear_denominators(ap.num)
+            ng, shifted_g = clear_denominators(ag.num)
+            if po[0] not in ("=", "!=") and (shifted_p or shifted_g):
+                raise NeedSymbolic("inequality with a variable in a denominator")
+            c = proportional(np_, ng, self.B)
             if po[0] in ("=", "!="):
                 if c is not None:
                     return True, "equivalent_equation"

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-MAX_TOKENS = 600
-MAX_DEPTH = 60
+MAX_TOKENS = 4000
+MAX_DEPTH = 400
 MAX_ITEMS = 64
 MAX_NUMBER_DIGITS = 400
 MAX_PM = 3
@@ -522,12 +522,32 @@ def _sub_name(node) -> str:
     raise ParseError("complex subscript")
 
 
+def collapse_parens(s: str) -> str:
+    """Drop redundant paren pairs: ``((X))`` -> ``(X)`` (linear; matched pairs via a stack)."""
+    if "((" not in s:
+        return s
+    stack, match = [], {}
+    for i, c in enumerate(s):
+        if c == "(":
+            stack.append(i)
+        elif c == ")" and stack:
+            match[stack.pop()] = i
+    drop = set()
+    for i, j in match.items():
+        if match.get(i + 1) == j - 1:
+            drop.update((i, j))
+    return "".join(c for k, c in enumerate(s) if k not in drop) if drop else s
+
+
 def parse(s: str):
     """Parse a normalised answer into an AST; raise ParseError when it is not understood."""
-    toks = tokenize(s)
+    toks = tokenize(collapse_parens(s))
     if not toks:
         raise ParseError("empty answer")
-    return _Parser(toks).parse_top()
+    try:
+        return _Parser(toks).parse_top()
+    except RecursionError:
+        raise ParseError("nesting too deep") from None
 
 
 def expand_pm(node) -> list:

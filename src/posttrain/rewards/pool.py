@@ -83,7 +83,7 @@ def _context(start_method: str | None):
     method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["posttrain.rewards.symbolic", "posttrain.rewards.verifier"])
+        ctx.set_forkserver_preload(["posttrain.rewards.symbolic", "posttrain.rewards.verifier", "latex2sympy2_extended.latex2sympy2"])
     return ctx
 
 

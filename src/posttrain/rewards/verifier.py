@@ -48,11 +48,13 @@ class Verdict:
         return asdict(self)
 
 
-def _boxes_or_text(s: str) -> list[str]:
+def _boxes_or_text(s: str, depth: int = 0) -> list[str]:
     if "\\boxed" in s or "\\fbox" in s:
         boxes, truncated = find_boxes(s)
         if truncated or not boxes:
             return []
+        if depth < 4 and len(boxes) == 1 and ("\\boxed" in boxes[0] or "\\fbox" in boxes[0]):
+            return _boxes_or_text(boxes[0], depth + 1)  # \boxed{\boxed{4}}
         return boxes
     return [s]
 
