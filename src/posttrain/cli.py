@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "sft": "posttrain.commands.sft_cmd",
     "verify": "posttrain.commands.verify_cmd",
+    "eval": "posttrain.commands.eval_cmd",
 }
 
 

@@ -1,0 +1,240 @@
+"""Evaluate one model on one benchmark: prompt -> generate -> extract -> verify -> samples.jsonl -> metrics.json.
+
+    from posttrain.evaluation import EvalSettings, evaluate, load_benchmark
+    metrics = evaluate(model, tokenizer, load_benchmark("gsm8k"), EvalSettings(prompt_style="boxed"),
+                       out_dir="runs/eval/gsm8k")
+
+Decoding: greedy (``temperature=0``, one sample: pass@1 is the greedy accuracy), or ``n_samples`` sampled
+completions per problem for the unbiased pass@k and maj@k (``accuracy`` is then the mean sampled pass@1).
+
+Resumable: every finished problem's rows are appended to ``samples.jsonl`` and flushed, so an interrupted run
+loses at most the batch in flight; a rerun with the same ``out_dir`` skips the finished problems. The settings
+that change results (model, benchmark, prompt, template, decoding) are saved in ``eval_config.json`` and a rerun
+with different ones is refused rather than mixed. ``metrics.json`` is written at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from posttrain.config import ReasoningMarkers
+from posttrain.errors import UserError
+from posttrain.evaluation.benchmarks import Benchmark, Problem
+from posttrain.evaluation.generation import generate
+from posttrain.evaluation.metrics import summarize
+from posttrain.evaluation.prompts import build_prompt, extract, get_style, stop_strings
+
+SAMPLES, METRICS, CONFIG = "samples.jsonl", "metrics.json", "eval_config.json"
+
+
+@dataclass
+class EvalSettings:
+    prompt_style: str = "boxed"          # reasoning | boxed | chat (see prompts.py)
+    template: str | None = None          # None: the style's default; tokenizer | chatml | qwen3 | reasoning
+    system_prompt: str | None = None
+    markers: ReasoningMarkers = field(default_factory=ReasoningMarkers)
+    max_new_tokens: int = 1024
+    batch_size: int = 16                 # sequences per generate call
+    n_samples: int = 1
+    temperature: float = 0.0             # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    ks: tuple[int, ...] = (1,)           # pass@k / maj@k for these k (at most n_samples)
+    seed: int = 0
+    last_number: bool = False            # score the last number when the style's answer is missing
+
+    def check(self) -> None:
+        get_style(self.prompt_style)
+        if self.n_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise UserError("n_samples, batch_size and max_new_tokens must be at least 1")
+        if self.n_samples > 1 and self.temperature <= 0:
+            raise UserError(f"{self.n_samples} samples per problem need sampling: set a temperature > 0 "
+                            "(greedy decoding gives the same completion every time)")
+        bad = [k for k in self.ks if not 1 <= k <= self.n_samples]
+        if bad:
+            raise UserError(f"pass@k for k={bad} needs at least that many samples per problem (n_samples="
+                            f"{self.n_samples}); raise --samples or lower --k")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["markers"] = self.markers.model_dump()
+        d["ks"] = list(self.ks)
+        return d
+
+    def fingerprint(self) -> dict:
+        """What changes the completions or their scores (batch size and k do not)."""
+        d = self.to_dict()
+        for key in ("batch_size", "ks"):
+            d.pop(key)
+        return d
+
+
+def _problem_seed(seed: int, pid: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}|{pid}".encode()).digest()[:4], "big")
+
+
+# --------------------------------------------------------------------------------------------------
+# the run directory
+
+
+def _read_done(out: Path, n_samples: int) -> dict[str, list[dict]]:
+    """Finished problems in samples.jsonl (id -> rows); incomplete problems and a torn last line are dropped."""
+    path = out / SAMPLES
+    if not path.is_file():
+        return {}
+    by_id: dict[str, list[dict]] = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue                 # interrupted mid-write
+            raise UserError(f"{path} line {i + 1} is not valid JSON; delete the file to start over") from None
+        by_id.setdefault(str(row["id"]), []).append(row)
+    done = {pid: rows for pid, rows in by_id.items() if len(rows) == n_samples}
+    if len(done) != len(by_id) or sum(map(len, done.values())) != len(lines):
+        _write_rows(path, [r for rows in done.values() for r in rows])
+    return done
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_config(out: Path, config: dict) -> None:
+    path = out / CONFIG
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+            raise UserError(f"{out} holds an evaluation with other settings ({shown}); results would mix. "
+                            f"Use another --out, or delete {out} to start over")
+    else:
+        write_json(path, config)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _score(pool, style, settings: EvalSettings, items: list[tuple[Problem, int, str, object]]) -> list[dict]:
+    extracted = [extract(c.text, style, markers=settings.markers, prompt=prompt) for _, _, prompt, c in items]
+    scored = [e if e is not None or not settings.last_number else
+              extract(c.text, style, markers=settings.markers, prompt=prompt, last_number=True)
+              for e, (_, _, prompt, c) in zip(extracted, items)]
+    todo = [i for i, s in enumerate(scored) if s is not None]
+    verdicts = dict(zip(todo, pool.verify_many([(scored[i], items[i][0].answer) for i in todo])))
+    rows = []
+    for i, (p, sample, prompt, c) in enumerate(items):
+        v = verdicts.get(i)
+        rows.append({
+            "id": p.id, "sample": sample, "prompt": prompt, "completion": c.text,
+            "extracted": scored[i], "normalized": v.pred_normalized if v else None, "gold": p.answer,
+            "verdict": bool(v and v.equal), "reason": v.reason if v else
+            ("truncated" if c.finish == "length" else "no_answer"),
+            "format_ok": extracted[i] is not None, "truncated": c.finish == "length", "finish": c.finish,
+            "completion_tokens": c.n_tokens, **p.meta,
+        })
+    return rows
+
+
+def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalSettings | None = None, *,
+             out_dir: str | Path | None = None, model_id: str | None = None, progress: bool = True) -> dict:
+    """Evaluate ``model`` on ``benchmark``; returns the metrics dict (also written to ``out_dir/metrics.json``
+    with one row per sample in ``out_dir/samples.jsonl`` when ``out_dir`` is given)."""
+    from posttrain.rewards import VerifierPool
+
+    settings = settings or EvalSettings()
+    settings.check()
+    style = get_style(settings.prompt_style)
+    out = Path(out_dir) if out_dir is not None else None
+    done: dict[str, list[dict]] = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_config(out, {"model": model_id, "benchmark": benchmark.name, **settings.fingerprint()})
+        done = _read_done(out, settings.n_samples)
+
+    prompts = {p.id: build_prompt(tokenizer, p.problem, style, template=settings.template, markers=settings.markers,
+                                  system_prompt=settings.system_prompt) for p in benchmark.problems}
+    pending = [p for p in benchmark.problems if p.id not in done]
+    lengths = {p.id: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]) for p in pending}
+    pending.sort(key=lambda p: -lengths[p.id])   # similar lengths share a batch; the longest run first
+    per_batch = max(1, settings.batch_size // settings.n_samples)
+    stops = stop_strings(style, settings.markers)
+
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(benchmark.problems), initial=len(benchmark.problems) - len(pending),
+                   desc=f"eval {benchmark.name}", unit="problem", dynamic_ncols=True)
+    t0, new_tokens = time.perf_counter(), 0
+    sink = open(out / SAMPLES, "a", encoding="utf-8") if out is not None else None
+    pool = VerifierPool()
+    try:
+        for b in range(0, len(pending), per_batch):
+            group = pending[b: b + per_batch]
+            seqs = [(p, s) for p in group for s in range(settings.n_samples)]
+            completions = []
+            for c in range(0, len(seqs), settings.batch_size):
+                chunk = seqs[c: c + settings.batch_size]
+                completions += generate(
+                    model, tokenizer, [prompts[p.id] for p, _ in chunk], max_new_tokens=settings.max_new_tokens,
+                    temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, stop=stops,
+                    seed=_problem_seed(settings.seed, chunk[0][0].id) if settings.temperature > 0 else None)
+            rows = _score(pool, style, settings, [(p, s, prompts[p.id], c) for (p, s), c in zip(seqs, completions)])
+            new_tokens += sum(r["completion_tokens"] for r in rows)
+            for r in rows:
+                done.setdefault(r["id"], []).append(r)
+            if sink is not None:
+                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                sink.flush()
+            if bar is not None:
+                bar.update(len(group))
+                finished = [done[p.id] for p in benchmark.problems if p.id in done]
+                correct = sum(r["verdict"] for rows_ in finished for r in rows_)
+                bar.set_postfix(acc=f"{correct / max(1, settings.n_samples * len(finished)):.3f}",
+                                tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+    finally:
+        pool.close()
+        if sink is not None:
+            sink.close()
+        if bar is not None:
+            bar.close()
+        if was_training:
+            model.train()
+    elapsed = time.perf_counter() - t0
+
+    ids = [p.id for p in benchmark.problems]
+    rows = [r for pid in ids for r in sorted(done[pid], key=lambda r: r["sample"])]
+    group_by = sorted({k for p in benchmark.problems for k in p.meta})
+    metrics = {
+        "benchmark": benchmark.name, "source": benchmark.source, "model": model_id,
+        **summarize(rows, ks=settings.ks, group_by=group_by),
+        "settings": settings.to_dict(),
+        "elapsed_s": round(elapsed, 2), "new_completion_tokens": new_tokens,
+        "tokens_per_s": round(new_tokens / elapsed, 1) if elapsed > 0 else None,
+    }
+    if out is not None:
+        others = [r for pid, rs in done.items() if pid not in set(ids) for r in rs]  # kept from a larger run
+        _write_rows(out / SAMPLES, rows + others)
+        write_json(out / METRICS, metrics)
+    return metrics
