@@ -142,6 +142,11 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as text
+            try:
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+            except ValueError:
+                pass
         out.append((key.split("."), value))
     return out
 

@@ -63,6 +63,7 @@ def prepare_sft_data(cfg: DataConfig, tokenizer, rows: list[dict] | None = None)
     stats = DataStats()
     rows = load_rows(cfg) if rows is None else rows
     stats.rows = len(rows)
+    rows = [{**r, "_row": i} for i, r in enumerate(rows)]  # errors name the row of the source file
     if cfg.numeric_answer_only:
         key = (cfg.columns.answer if cfg.columns else None) or "expected_answer"
         if key not in rows[0]:
@@ -77,7 +78,8 @@ def prepare_sft_data(cfg: DataConfig, tokenizer, rows: list[dict] | None = None)
     std = standardize(rows, cfg.format, columns=cfg.columns, template=cfg.template, markers=cfg.markers,
                       source=cfg.path)
     examples = []
-    for i, row in enumerate(std):
+    for row in std:
+        i = row.pop("_row")
         if "text" in row and "messages" not in row:
             ex = encode_text(tokenizer, row["text"])
         else:
