@@ -354,6 +354,8 @@ def _exact_root(n: int, q: int):
 
 def root(r: Fraction, q: int, B) -> RF:
     """The principal q-th root of a rational (i·√|r| for a negative r and q = 2)."""
+    if r == 0:
+        return RF.const(0)
     if q == 2:
         neg = r < 0
         a, b = abs(r.numerator), r.denominator

@@ -372,7 +372,7 @@ class Comparer:
                 vals.append(None)
             except TooLarge as exc:
                 vals.append(exc)
-            except Undefined:
+            except (Undefined, ZeroDivisionError):
                 return False, "undefined"
             except NotScalar:
                 return False, "different_structure"

@@ -104,7 +104,7 @@ def _final_answer(text: str) -> str | None:
         close = rest.find(dollars, len(dollars))
         if close > 0:
             return rest[len(dollars) : close].strip() or None
-    rest = re.split(r"\n|\.\s*I hope it is correct|\.\s+(?=[A-Z])", rest, maxsplit=1)[0]
+    rest = re.split(r"\n|\.\s*I hope it is correct|\.(?:\s|$)", rest, maxsplit=1)[0]
     return rest.strip().rstrip(".").strip() or None
 
 

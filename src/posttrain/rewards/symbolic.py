@@ -17,15 +17,16 @@ Scalar comparison:
 from __future__ import annotations
 
 import random
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, localcontext
 
 import sympy as sp
 
-from posttrain.rewards.algebra import E, MAX_FACT, PI, RF, Budget, NeedSymbolic, NotScalar, TooLarge
+from posttrain.rewards.algebra import E, MAX_FACT, PI, RF, Budget, NeedSymbolic, NotScalar, TooLarge, Undefined
 from posttrain.rewards.compare import REL_TOL, _decimal_places
 from posttrain.rewards.evaluate import Inf, evaluate
 
 MAX_SYMBOLIC_EXP = 200
+_DEC = Context(prec=60, Emax=MAX_EMAX, Emin=MIN_EMIN)
 _FUNCS = {
     "sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "cot": sp.cot, "sec": sp.sec, "csc": sp.csc,
     "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "arccot": sp.acot, "arcsec": sp.asec,
@@ -71,7 +72,9 @@ def to_sympy(node):
         return to_sympy(node[1]) / to_sympy(node[2])
     if kind == "pow":
         base, exp = to_sympy(node[1]), to_sympy(node[2])
-        if exp.is_Number and abs(exp) > MAX_SYMBOLIC_EXP:
+        if exp.has(sp.nan, sp.zoo) or base.has(sp.nan, sp.zoo):
+            raise Undefined("undefined power")
+        if exp.is_Number and exp.is_finite and abs(exp) > MAX_SYMBOLIC_EXP:
             raise TooLarge("symbolic power too large")
         return sp.Pow(base, exp)
     if kind == "sqrt":
@@ -81,7 +84,7 @@ def to_sympy(node):
         return sp.root(arg, to_sympy(node[2]))
     if kind == "fact":
         arg = to_sympy(node[1])
-        if arg.is_Number and arg > MAX_FACT:
+        if arg.is_Integer and arg > MAX_FACT:
             raise TooLarge("factorial too large")
         return sp.factorial(arg)
     if kind == "binom":
@@ -125,13 +128,18 @@ def _points(symbols, count=6):
 
 
 def _num(expr, digits=50):
-    v = sp.N(expr, digits)
-    if v.has(sp.nan, sp.zoo, sp.oo, -sp.oo) or not v.is_number:
+    """(real, imag) Decimals of a numeric sympy value, or None (undefined, infinite, not a number)."""
+    try:
+        v = sp.N(expr, digits)
+        if v.has(sp.nan, sp.zoo, sp.oo, -sp.oo) or not v.is_number:
+            return None
+        re_, im_ = v.as_real_imag()
+        if not (re_.is_Number and im_.is_Number):
+            return None
+        out = Decimal(str(re_)), Decimal(str(im_))
+        return out if all(x.is_finite() for x in out) else None
+    except (ArithmeticError, ValueError, TypeError, AttributeError):
         return None
-    re_, im_ = v.as_real_imag()
-    if not (re_.is_Number and im_.is_Number):
-        return None
-    return Decimal(str(re_)), Decimal(str(im_))
 
 
 def _close(a, b, rel):
@@ -150,9 +158,24 @@ class SympyBackend:
             a, b = to_sympy(p), to_sympy(g)
         except NotScalar:
             return False, "different_structure"
+        except Undefined:
+            return False, "undefined"
+        except TooLarge:
+            return False, "too_large"
+        except (ValueError, TypeError, AttributeError):  # sympy rejects the expression (e.g. sin(oo))
+            return False, "undefined"
         return self.compare_exprs(a, b, p, g)
 
     def compare_exprs(self, a, b, p=None, g=None):
+        with localcontext(_DEC):
+            try:
+                return self._compare_exprs(a, b, p, g)
+            except ArithmeticError:
+                return False, "too_large"
+            except (ValueError, TypeError, AttributeError):
+                return False, "undefined"
+
+    def _compare_exprs(self, a, b, p, g):
         if a == b:
             return True, "symbolic"
         symbols = a.free_symbols | b.free_symbols
@@ -184,11 +207,20 @@ class SympyBackend:
         return (True, "symbolic") if sp.simplify(a - b) == 0 else (False, "different_value")
 
     def relation(self, pe, po, ge, go):
+        with localcontext(_DEC):
+            try:
+                return self._relation(pe, po, ge, go)
+            except ArithmeticError:
+                return False, "too_large"
+
+    def _relation(self, pe, po, ge, go):
         try:
             ap = to_sympy(pe[0]) - to_sympy(pe[1])
             ag = to_sympy(ge[0]) - to_sympy(ge[1])
-        except NotScalar:
+        except (NotScalar, Undefined):
             return False, "different_relation"
+        except TooLarge:
+            return False, "too_large"
         symbols = ap.free_symbols | ag.free_symbols
         ratios = []
         for pt in _points(symbols)[:4] if symbols else [{}]:

@@ -138,7 +138,10 @@ def _finish(st: _Prepared, comparer: Comparer) -> Verdict:
     """Rung 4 (and 5 when ``comparer`` has a symbolic backend). May raise NeedSymbolic."""
     if st.gold_ast is None or st.pred_ast is None:
         raise NeedSymbolic("a side our grammar does not parse")
-    equal, reason = comparer.answers(st.pred_ast, st.gold_ast)
+    try:
+        equal, reason = comparer.answers(st.pred_ast, st.gold_ast)
+    except ParseError:  # e.g. too many \pm to expand
+        return Verdict(False, "too_complex", st.pred, st.gold)
     return Verdict(equal, reason, st.pred, st.gold)
 
 
