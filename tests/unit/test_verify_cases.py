@@ -5,7 +5,7 @@ import time
 import pytest
 
 from posttrain.rewards import Verdict, VerifierPool, verify
-from verify_cases import CASES
+from tests.unit.verify_cases import CASES
 
 TIME_CAP_S = 2.0 + 1.5  # the per-pair timeout plus process scheduling slack on a loaded 2-core box
 

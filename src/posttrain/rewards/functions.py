@@ -42,21 +42,35 @@ def completion_text(c) -> str:
     return "" if c is None else str(c)
 
 
-def opened_prefix(prompt, openers, prompt_suffix: str | None = None) -> str:
-    """The text the prompt leaves open at its end (a marker the generation prompt already emitted)."""
+def opened_prefix(prompt, openers, prompt_suffix: str | None = None) -> str | None:
+    """The text the prompt leaves open at its end (a marker the generation prompt already emitted).
+
+    Returns "" when the prompt is known to leave nothing open, and None when it cannot be known (a
+    message-list prompt and no ``prompt_suffix``: the generation prompt is not in the messages).
+    """
     if prompt_suffix is not None:
         return prompt_suffix
     if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[-1], dict):
         if prompt[-1].get("role") == "assistant":  # continue_final_message: the content is a prefix
             return str(prompt[-1].get("content") or "")
-        return ""
+        return None
     if isinstance(prompt, str):
         tail = prompt[-400:]
         for opener in openers:
             idx = tail.rfind(opener)
             if opener and idx >= 0 and not tail[idx + len(opener) :].strip():
                 return tail[idx:]
-    return ""
+        return ""
+    return None
+
+
+def with_opener(prompt, completion: str, opener: str, prompt_suffix: str | None = None) -> str:
+    """prefix + completion; when the prefix is unknown and the completion lacks the opener, assume the
+    template opened it (never punish a sample for a marker we cannot see)."""
+    prefix = opened_prefix(prompt, [opener], prompt_suffix)
+    if prefix is None:
+        return completion if opener in completion else opener + completion
+    return prefix + completion
 
 
 def generation_suffix(tokenizer, messages=None) -> str:
@@ -133,7 +147,7 @@ class MathAccuracy(RewardFunction):
         openers = [t[0] for t in self.tags]
         preds = []
         for p, c in zip(prompts, completions):
-            prefix = opened_prefix(p, openers, self.prompt_suffix)
+            prefix = opened_prefix(p, openers, self.prompt_suffix) or ""
             preds.append(extract_answer(completion_text(c), self.style, tags=self.tags,
                                         last_number=self.last_number, prompt_suffix=prefix))
         pool = self.pool
@@ -192,7 +206,7 @@ class ThinkFormat(RewardFunction):
         prompts = prompts if prompts is not None else [None] * len(completions)
         out = []
         for p, c in zip(prompts, completions):
-            text = opened_prefix(p, [self.open_tag], self.prompt_suffix) + completion_text(c)
+            text = with_opener(p, completion_text(c), self.open_tag, self.prompt_suffix)
             m = self._re.match(text)
             out.append(1.0 if m and m.group(1).strip() and m.group(2).strip() else 0.0)
         return out

@@ -50,20 +50,32 @@ class RewardFailureError(UserError):
     """Too many samples of a batch failed in one reward function."""
 
 
-def _accepts(cls, key):
+_MARKER_KEYS = ("reasoning_start", "reasoning_end", "solution_start", "solution_end")
+
+
+def _params(cls) -> list[str]:
+    """Keyword arguments a built-in accepts (marker names for the Unsloth functions)."""
     import inspect
 
-    params = inspect.signature(cls.__init__).parameters
-    return key in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if cls.__init__ is object.__init__:
+        return []
+    names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    if "marker_overrides" in names:
+        names = [p for p in names if p != "marker_overrides"] + list(_MARKER_KEYS)
+    return names
 
 
 def _build(cls, kwargs, shared, where):
-    kw = {k: v for k, v in shared.items() if v is not None and _accepts(cls, k)}
+    allowed = _params(cls)
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        raise UserError(f"{where}: unknown argument {unknown[0]!r}; it accepts: {', '.join(allowed) or 'no arguments'}")
+    kw = {k: v for k, v in shared.items() if v is not None and k in allowed}
     kw.update(kwargs)
     try:
         return cls(**kw)
-    except TypeError as exc:
-        raise UserError(f"{where}: bad arguments for reward {cls.__name__!r}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: bad arguments: {exc}") from None
 
 
 def load_custom(spec: str):

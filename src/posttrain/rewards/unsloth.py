@@ -50,9 +50,16 @@ class _UnslothBase(RewardFunction):
                                         re.MULTILINE | re.DOTALL)
 
     def texts(self, prompts, completions):
+        """opener left open by the prompt + completion (see functions.with_opener)."""
         prompts = prompts if prompts is not None else [None] * len(completions)
-        openers = [self.markers.reasoning_start, self.markers.solution_start]
-        return [opened_prefix(p, openers, self.prompt_suffix) + completion_text(c) for p, c in zip(prompts, completions)]
+        out = []
+        for p, c in zip(prompts, completions):
+            text = completion_text(c)
+            prefix = opened_prefix(p, [self.markers.reasoning_start, self.markers.solution_start], self.prompt_suffix)
+            if prefix is None:  # unknown generation prompt: assume it opened the reasoning
+                prefix = "" if self.markers.reasoning_start in text else self.markers.reasoning_start
+            out.append(prefix + text)
+        return out
 
     def answers(self, columns, n):
         if self.answer_column not in columns:
