@@ -16,6 +16,9 @@ COMMANDS = {
     "sft": "posttrain.commands.sft_cmd",
     "verify": "posttrain.commands.verify_cmd",
     "eval": "posttrain.commands.eval_cmd",
+    "export": "posttrain.commands.export_cmd",
+    "chat": "posttrain.commands.chat_cmd",
+    "generate": "posttrain.commands.generate_cmd",
 }
 
 
