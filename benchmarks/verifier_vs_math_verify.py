@@ -1,0 +1,236 @@
+"""posttrain's answer verifier vs Hugging Face math-verify, side by side.
+
+    flock /tmp/posttrain-bench.lock python benchmarks/verifier_vs_math_verify.py [--json out.json]
+
+Two measurements:
+1. The case suite (tests/unit/verify_cases.py): correct verdicts (all cases, and the "math" subset
+   whose verdict follows from mathematics alone rather than a grader policy), latency per pair
+   (p50/p99/max), timeouts and hangs.
+2. Ordinary answers: 600 synthetic pairs shaped like real rollouts (a ~1.1k-character chain of thought
+   ending in \\boxed{} with an integer, fraction, radical, interval, decimal or polynomial answer; half
+   equal in another spelling, half different), timed per pair.
+
+math-verify is called the documented way: ``verify(parse(gold), parse(prediction))`` (gold first),
+with its default extraction and timeouts, in the main thread of its process; answers that are not
+already in a box are wrapped in ``\\boxed{}`` for it (verl's convention). posttrain runs
+``VerifierPool.verify`` (in-process fast path, worker processes for sympy). Each engine runs in its own
+child process under a watchdog: a pair that makes no progress for 60 s is recorded as a hang and the
+child is restarted at the next pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing as mp
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HANG_S = 60.0
+MV_TIMEOUT_S = 5.0
+
+
+def load_cases():
+    spec = importlib.util.spec_from_file_location("verify_cases", ROOT / "tests" / "unit" / "verify_cases.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.CASES
+
+
+def ordinary_pairs(n=600, seed=0):
+    """Synthetic rollouts: CoT filler + \\boxed{answer}; the gold in another spelling or a different value."""
+    rng = random.Random(seed)
+    filler_words = ("We compute the sum step by step. Note that 3 + 4 = 7 and 12 / 4 = 3, so the "
+                    "expression simplifies. Substituting x = 2 gives 2^2 + 1 = 5. ").split()
+    pairs = []
+    for i in range(n):
+        a, b = rng.randint(1, 999), rng.randint(2, 99)
+        kind = i % 6
+        same = rng.random() < 0.5
+        if kind == 0:
+            pred, gold = str(a), str(a if same else a + rng.randint(1, 9))
+        elif kind == 1:
+            pred, gold = rf"\frac{{{a}}}{{{b}}}", (rf"\dfrac{{{2 * a}}}{{{2 * b}}}" if same else rf"\frac{{{a + 1}}}{{{b}}}")
+        elif kind == 2:
+            pred, gold = rf"{b}\sqrt{{{a}}}", (rf"\sqrt{{{b * b * a}}}" if same else rf"\sqrt{{{b * b * a + 1}}}")
+        elif kind == 3:
+            pred = rf"(-\infty, {a}] \cup ({a + b}, \infty)"
+            gold = rf"(-\infty,{a}]\cup({a + b},\infty)" if same else rf"(-\infty,{a})\cup({a + b},\infty)"
+        elif kind == 4:
+            pred, gold = f"{a}.{b}", (f"{a}.{b}0" if same else f"{a}.{b + 1}")
+        else:
+            pred, gold = f"x^2+{2 * b}x+{b * b}", (f"(x+{b})^2" if same else f"(x+{b + 1})^2")
+        cot = " ".join(rng.choice(filler_words) for _ in range(200))[:1100]
+        pairs.append((f"{cot}\n\nTherefore the answer is $\\boxed{{{pred}}}$.", gold, same, kind))
+    return pairs
+
+
+# ---------------------------------------------------------------- engines (run in child processes)
+def _engine(name, pairs, start, conn):
+    if name == "posttrain":
+        from posttrain.rewards import VerifierPool
+
+        pool = VerifierPool(workers=2)
+        pool.verify(r"\sin x", r"\cos x")  # start the workers outside the timings
+
+        def run(pred, gold):
+            v = pool.verify(pred, gold)
+            return v.equal, v.reason == "timeout"
+    else:
+        import logging
+
+        from math_verify import parse, verify
+
+        logging.disable(logging.WARNING)
+
+        def box(s):
+            return s if ("\\boxed" in s or "\\fbox" in s) else "\\boxed{" + s + "}"
+
+        def run(pred, gold):
+            t = time.perf_counter()
+            eq = bool(verify(parse(box(gold)), parse(box(pred))))
+            return eq, time.perf_counter() - t >= MV_TIMEOUT_S * 0.95  # its timeouts answer False silently
+
+    conn.send(("ready",))
+    for i in range(start, len(pairs)):
+        pred, gold = pairs[i][0], pairs[i][1]
+        conn.send(("start", i))
+        t = time.perf_counter()
+        try:
+            eq, timed_out = run(pred, gold)
+        except BaseException as exc:  # noqa: BLE001 - an engine crash is a result, not the end of the benchmark
+            eq, timed_out = False, False
+            conn.send(("crash", i, type(exc).__name__))
+        conn.send(("done", i, eq, timed_out, time.perf_counter() - t))
+    conn.send(("end",))
+
+
+def run_engine(name, pairs):
+    """Results per pair: dict(equal, timeout, hang, crash, latency)."""
+    ctx = mp.get_context("spawn")
+    results = [None] * len(pairs)
+    start = 0
+    while start < len(pairs):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_engine, args=(name, pairs, start, child))
+        proc.start()
+        child.close()
+        current, last = None, time.monotonic()
+        started = False
+        while True:
+            if parent.poll(1.0):
+                try:
+                    msg = parent.recv()
+                except EOFError:
+                    msg = ("eof",)
+                last = time.monotonic()
+                if msg[0] == "ready":
+                    started = True
+                elif msg[0] == "start":
+                    current = msg[1]
+                elif msg[0] == "crash":
+                    print(f"  {name}: pair {msg[1]} raised {msg[2]}", file=sys.stderr)
+                elif msg[0] == "done":
+                    _, i, eq, to, lat = msg
+                    results[i] = {"equal": eq, "timeout": to, "hang": False, "latency": lat}
+                    current = None
+                elif msg[0] in ("end", "eof"):
+                    if msg[0] == "eof" and current is not None:
+                        results[current] = {"equal": False, "timeout": False, "hang": False, "crash": True, "latency": 0.0}
+                    start = len(pairs) if msg[0] == "end" else (current + 1 if current is not None else len(pairs))
+                    break
+            elif started and current is not None and time.monotonic() - last > HANG_S:
+                results[current] = {"equal": False, "timeout": False, "hang": True, "latency": HANG_S}
+                print(f"  {name}: pair {current} hung; restarting after it", file=sys.stderr)
+                proc.kill()
+                start = current + 1
+                break
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+    return results
+
+
+# ---------------------------------------------------------------- report
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def summarize(results, expected, subset=None):
+    idx = range(len(results)) if subset is None else subset
+    correct = sum(1 for i in idx if results[i]["equal"] == expected[i] and not results[i].get("hang"))
+    lat = [results[i]["latency"] * 1000 for i in idx]
+    return {
+        "n": len(list(idx)),
+        "correct": correct,
+        "p50_ms": pct(lat, 0.50),
+        "p99_ms": pct(lat, 0.99),
+        "max_ms": max(lat),
+        "timeouts": sum(1 for i in idx if results[i]["timeout"]),
+        "hangs": sum(1 for i in idx if results[i].get("hang")),
+        "crashes": sum(1 for i in idx if results[i].get("crash")),
+        "false_pos": sum(1 for i in idx if results[i]["equal"] and not expected[i]),
+        "false_neg": sum(1 for i in idx if not results[i]["equal"] and expected[i]),
+    }
+
+
+def table(title, rows):
+    head = "| engine | correct | false +/- | p50 | p99 | max | timeouts | hangs |"
+    out = [f"\n### {title}\n", head, "|---|---|---|---|---|---|---|---|"]
+    for name, s in rows:
+        out.append(f"| {name} | {s['correct']}/{s['n']} | {s['false_pos']}/{s['false_neg']} | {s['p50_ms']:.2f} ms | "
+                   f"{s['p99_ms']:.1f} ms | {s['max_ms']:.0f} ms | {s['timeouts']} | {s['hangs']} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write all numbers and per-case verdicts here")
+    ap.add_argument("--ordinary", type=int, default=600, help="number of synthetic ordinary pairs")
+    args = ap.parse_args(argv)
+    import math_verify  # noqa: F401 - fail early when the peer is missing
+
+    cases = load_cases()
+    expected = [c[2] for c in cases]
+    math_idx = [i for i, c in enumerate(cases) if c[4] == "math"]
+    ordinary = ordinary_pairs(args.ordinary)
+    ord_expected = [p[2] for p in ordinary]
+    report, blob = [], {}
+    for label, pairs, exp, subsets in (
+        ("case suite", cases, expected, {"all cases": None, "math-determined cases": math_idx}),
+        ("ordinary answers", ordinary, ord_expected, {
+            "integers, fractions, radicals, intervals (the latency target)": [i for i, p in enumerate(ordinary) if p[3] < 4],
+            "all six kinds (+ decimals, polynomials)": None}),
+    ):
+        res = {}
+        for engine in ("posttrain", "math-verify"):
+            t = time.perf_counter()
+            print(f"running {engine} on the {label} ({len(pairs)} pairs)...", file=sys.stderr)
+            res[engine] = run_engine(engine, pairs)
+            print(f"  {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        for sub, idx in subsets.items():
+            rows = [(e, summarize(res[e], exp, idx)) for e in res]
+            report.append(table(f"{label}: {sub}", rows))
+            blob[f"{label}: {sub}"] = dict(rows)
+        if label == "case suite":
+            for e in res:
+                wrong = [(c[3], c[0][:60], c[1][:40], c[2]) for c, r in zip(cases, res[e]) if r["equal"] != c[2]]
+                blob[f"wrong verdicts: {e}"] = wrong
+                report.append(f"\n{e} wrong on {len(wrong)}: " + "; ".join(f"[{w[0]}] {w[1]!r} vs {w[2]!r} (expected {w[3]})" for w in wrong))
+        else:
+            for kind in range(6):
+                idx = [i for i, p in enumerate(pairs) if p[3] == kind]
+                blob[f"ordinary kind {kind}"] = {e: summarize(res[e], exp, idx) for e in res}
+    print("\n".join(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(blob, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
