@@ -102,6 +102,14 @@ CASES = [
     ("1,234", "1243", F, "thousands comma", M),
     ("3, 5", "35", F, "minerva comma join", M),
     ("1,000.50", "1000.5", T, "thousands comma", M),
+    ("12,102", "12102", T, "thousands comma", M),
+    (r"(2,12) \cup (12,102)", r"(2,12)\cup(12,102)", T, "union with commas", M),
+    # ---------------------------------------------------------------- numerals in a base
+    ("52_8", "52_8", T, "base numeral", M),
+    ("52_{8}", "52_8", T, "base numeral", M),
+    ("52", "52_8", T, "base numeral", P),
+    ("42", "52_8", F, "base numeral", M),
+    ("52_9", "52_8", F, "base numeral", M),
     # ---------------------------------------------------------------- percent, currency, units, degrees
     (r"50\%", "50", T, "percent", P),
     ("50", r"50\%", T, "percent", P),
@@ -216,6 +224,7 @@ CASES = [
     (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{pmatrix}1&3\\2&4\end{pmatrix}", F, "matrix", M),
     (r"\begin{pmatrix}\frac12&0\\0&1\end{pmatrix}", r"\begin{pmatrix}0.5&0\\0&1\end{pmatrix}", T, "matrix", M),
     (r"\begin{pmatrix}1&2\end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}", F, "matrix shape", M),
+    (r"\begin{pmatrix} -1/3 \\ 2/3 \end{pmatrix}", r"\begin{pmatrix}-\frac13\\\frac23\end{pmatrix}", T, "matrix spacing", M),
     # ---------------------------------------------------------------- intervals and unions
     ("(2,5]", "(2,5]", T, "interval", M),
     ("(2,5]", "[2,5)", F, "qwen brackets", M),

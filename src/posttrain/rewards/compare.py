@@ -239,11 +239,30 @@ class Comparer:
             return self._brack(p, g)
         if pk == "brack" or gk == "brack":
             return False, "different_structure"
+        if pk == "based" or gk == "based":
+            return self._based(p, g)
         if pk == "text" or gk == "text":
             if pk == gk and " ".join(p[1].lower().split()) == " ".join(g[1].lower().split()):
                 return True, "same_text"
             return False, "different_text"
         return self.leaf(p, g)
+
+    @staticmethod
+    def _based(p, g):
+        """52_8 equals 52_{8}; a bare 52 equals 52_8 (the base subscript is notation); 42 does not."""
+        def digits(n):
+            if n[0] == "based":
+                return n[1], n[2]
+            if n[0] == "num" and n[2] is None and n[1].denominator == 1 and n[1] >= 0:
+                return str(n[1].numerator), None
+            return None, None
+
+        (dp, bp), (dg, bg) = digits(p), digits(g)
+        if dp is None or dg is None:
+            return False, "different_structure"
+        if dp == dg and (bp is None or bg is None or bp == bg):
+            return True, "same_numeral"
+        return False, "different_value"
 
     def _brack(self, p, g):
         pi, gi = p[3], g[3]

@@ -12,6 +12,7 @@ AST nodes are tuples whose first element is the kind:
     ('pm', a|None, b, sign)      a ± b (sign +1) or a ∓ b (sign -1); expanded by ``expand_pm``
     ('list', items) ('set', items) ('brack', open, close, items) ('matrix', kind, rows)
     ('union', parts) ('rel', exprs, ops) ('in', lhs, rhs) ('empty',)
+    ('based', digits, base)      a numeral written in a base, 52_8
 """
 
 from __future__ import annotations
@@ -281,6 +282,12 @@ class _Parser:
         if k is None:
             raise ParseError("unexpected end")
         if k == "num":
+            if self.at("op", "_") and v.isdigit():  # a numeral in a base: 52_8, 4210_{5}
+                self.next()
+                base = self.tex_arg()
+                if base[0] != "num" or base[2] is not None or not 2 <= base[1] <= 36:
+                    raise ParseError("bad base subscript")
+                return ("based", v.lstrip("0") or "0", int(base[1]))
             node = number(v)
             # mixed number: 2\frac{1}{2} = 5/2 (an integer directly followed by a fraction of integers)
             if node[2] is None and node[1].denominator == 1 and self.at("cmd", "\\frac"):

@@ -155,6 +155,7 @@ def normalize(s: str, *, comma_thousands: bool = False) -> str:
     s = s.strip()
     if len(s) > MAX_ANSWER_CHARS:
         return _WS_RE.sub(" ", s[: MAX_ANSWER_CHARS * 2]).strip()
+    s = s.replace("\x00", "").replace("\\\\", "\x00")  # protect the row separator \\ from the rules below
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
     s = _CURRENCY_RE.sub("", s)
     s = _DELIMS_RE.sub(" ", s)
@@ -181,8 +182,8 @@ def normalize(s: str, *, comma_thousands: bool = False) -> str:
     s = _UNIT_TAIL_RE.sub("", s)
     s = _TRAILING_RE.sub("", s)
     s = _WS_RE.sub(" ", s).strip()
-    s = s.strip(",")
-    return s.strip()
+    s = s.strip(",").strip()
+    return s.replace("\x00", "\\\\")
 
 
 def compact(s: str) -> str:

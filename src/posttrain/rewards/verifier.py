@@ -103,8 +103,9 @@ def _stage(prediction: str, gold: str) -> _Prepared:
             st.gold_ast = parse(gnorm) if len(gnorm) <= MAX_ANSWER_CHARS else None
         except ParseError as exc:
             st.gold_err = str(exc)
-    single_gold = not multi and (st.gold_ast is None or st.gold_ast[0] not in ("list", "set", "brack", "matrix"))
-    pnorm = normalize(pred_ans, comma_thousands=single_gold)
+    # the gold's style decides what a comma in the prediction is: with no comma left in the gold (its own
+    # digit groups are joined above), "1,234" is one number; otherwise commas separate elements
+    pnorm = normalize(pred_ans, comma_thousands=not multi and "," not in gnorm)
     st.pred = pnorm
     if not gnorm:
         st.verdict = Verdict(False, "unparseable_gold", pnorm, gnorm)
