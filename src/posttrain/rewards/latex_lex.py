@@ -18,6 +18,7 @@ _TOKEN_RE = re.compile(
     r"\s*(?:"
     r"(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+(?![\d.]))?)"
     r"|(?P<cmd>\\(?:[a-zA-Z]+|[{}%\\,;!| ]))"
+    r"|(?P<word>(?<![a-zA-Z])(?:arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|cot|sec|csc|log|ln|exp|sqrt|pi)(?![a-zA-Z]))"
     r"|(?P<id>[a-zA-Z])"
     r"|(?P<op>\*\*|[-+*/^_!=<>,;|&()\[\]{}%':.])"
     r")"
@@ -58,6 +59,8 @@ def tokenize(s: str) -> list[tuple[str, str]]:
                 raise ParseError("bad \\overline")
             toks[-1] = ("num", toks[-1][1] + "r" + m2.group(1))  # repeating decimal 0.1\overline{6}
             pos += m2.end()
+        elif kind == "word":  # plain-text function names: sqrt(2), sin x, pi/2
+            toks.append(("cmd", "\\" + val))
         else:
             toks.append((kind, val))
         if len(toks) > MAX_TOKENS:

@@ -30,6 +30,7 @@ DEFAULT_TIMEOUT = 2.0
 _COMMA_NUMBER_RE = re.compile(r"^\s*\$?\s*-?\d{1,3}(,\d{3})+(\.\d+)?\s*$")
 _WORDS_RE = re.compile(r"^[A-Za-z][A-Za-z' \-]*$")
 _TEXT_WRAP_RE = re.compile(r"^\\text\{(.*)\}$")
+_MATH_WORD_RE = re.compile(r"(?<![a-zA-Z])(?:sqrt|frac|pi|infty|arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|cot|sec|csc|log|ln|exp)(?![a-zA-Z])")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _is_text(norm: str) -> str | None:
     m = _TEXT_WRAP_RE.match(norm)
     if m and "\\" not in m.group(1):
         return m.group(1)
-    if _WORDS_RE.match(norm) and re.search(r"[A-Za-z]{3}", norm) and not re.search(r"\b(?:sqrt|frac|pi|infty)\b", norm):
+    if _WORDS_RE.match(norm) and re.search(r"[A-Za-z]{3}", norm) and not _MATH_WORD_RE.search(norm):
         return norm
     return None
 
