@@ -151,7 +151,9 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
     if cfg.load_in_4bit:
         if lora is None:
             raise UserError("model.load_in_4bit=true needs a lora: section (QLoRA); 4-bit weights cannot be trained directly")
-        if importlib.util.find_spec("bitsandbytes") is None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
             raise UserError("model.load_in_4bit=true needs bitsandbytes: pip install 'posttrain[gpu]' "
                             "(it runs on CPU too), or set model.load_in_4bit=false")
         from transformers import BitsAndBytesConfig
