@@ -25,7 +25,6 @@ import importlib.util
 import json
 import multiprocessing as mp
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,19 @@ def load_cases():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.CASES
+
+
+def math500_pairs(path, seed=0):
+    """Real data: each MATH-500 gold answer vs its own worked solution (must be equal: the solution ends
+    in the same answer, often spelled differently) and vs another problem's gold (equal only when the
+    two gold strings are identical)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    golds = [r["answer"] for r in rows]
+    shuffled = golds[:]
+    random.Random(seed).shuffle(shuffled)
+    own = [(r["solution"], r["answer"], True, "own solution") for r in rows]
+    other = [(s, g, s.strip() == g.strip(), "other gold") for s, g in zip(shuffled, golds)]
+    return own + other
 
 
 def ordinary_pairs(n=600, seed=0):
@@ -193,6 +205,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write all numbers and per-case verdicts here")
     ap.add_argument("--ordinary", type=int, default=600, help="number of synthetic ordinary pairs")
+    ap.add_argument("--math500", default=str(ROOT.parent / "shared" / "benchmarks" / "math500.jsonl"),
+                    help="MATH-500 jsonl for the real-data section (skipped when missing)")
     args = ap.parse_args(argv)
     import math_verify  # noqa: F401 - fail early when the peer is missing
 
@@ -202,12 +216,18 @@ def main(argv=None):
     ordinary = ordinary_pairs(args.ordinary)
     ord_expected = [p[2] for p in ordinary]
     report, blob = [], {}
-    for label, pairs, exp, subsets in (
+    sections = [
         ("case suite", cases, expected, {"all cases": None, "math-determined cases": math_idx}),
         ("ordinary answers", ordinary, ord_expected, {
             "integers, fractions, radicals, intervals (the latency target)": [i for i, p in enumerate(ordinary) if p[3] < 4],
             "all six kinds (+ decimals, polynomials)": None}),
-    ):
+    ]
+    if Path(args.math500).is_file():
+        real = math500_pairs(args.math500)
+        sections.append(("MATH-500", real, [p[2] for p in real], {
+            "gold vs its own solution": [i for i, p in enumerate(real) if p[3] == "own solution"],
+            "gold vs another problem's gold": [i for i, p in enumerate(real) if p[3] == "other gold"]}))
+    for label, pairs, exp, subsets in sections:
         res = {}
         for engine in ("posttrain", "math-verify"):
             t = time.perf_counter()
@@ -218,11 +238,11 @@ def main(argv=None):
             rows = [(e, summarize(res[e], exp, idx)) for e in res]
             report.append(table(f"{label}: {sub}", rows))
             blob[f"{label}: {sub}"] = dict(rows)
-        if label == "case suite":
+        if label != "ordinary answers":
             for e in res:
-                wrong = [(c[3], c[0][:60], c[1][:40], c[2]) for c, r in zip(cases, res[e]) if r["equal"] != c[2]]
-                blob[f"wrong verdicts: {e}"] = wrong
-                report.append(f"\n{e} wrong on {len(wrong)}: " + "; ".join(f"[{w[0]}] {w[1]!r} vs {w[2]!r} (expected {w[3]})" for w in wrong))
+                wrong = [(c[3], c[0][-60:], c[1][:40], c[2]) for c, r in zip(pairs, res[e]) if r["equal"] != c[2]]
+                blob[f"wrong verdicts: {label}: {e}"] = wrong
+                report.append(f"\n{label}: {e} wrong on {len(wrong)}: " + "; ".join(f"[{w[0]}] {w[1]!r} vs {w[2]!r} (expected {w[3]})" for w in wrong))
         else:
             for kind in range(6):
                 idx = [i for i, p in enumerate(pairs) if p[3] == kind]

@@ -21,7 +21,8 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(workers=2) as p:
+    with VerifierPool(workers=2) as p:  # the default 2 s hard limit per pair
+        p.verify(r"\sin x", r"\cos x")  # start the workers outside the timed examples
         yield p
 
 
