@@ -244,6 +244,8 @@ class RF:
         return RF(Poly.const(f))
 
     def equals(self, other, B) -> bool:
+        if self.den == other.den:  # the common case (no denominators): canonical numerators
+            return self.num == other.num
         return self.num.mul(other.den, B) == other.num.mul(self.den, B)
 
     def rational(self):
@@ -334,18 +336,12 @@ def rf_pow(v: RF, e: Fraction, B) -> RF:
 
 
 def _exact_root(n: int, q: int):
+    """The exact integer q-th root of n, or None. Float-seeded, so only for n below 2^1000."""
     if n < 2:
         return n
-    r = round(n ** (1.0 / q)) if n.bit_length() < 1000 else None
-    if r is None:
-        lo, hi = 0, 1 << (n.bit_length() // q + 1)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if mid**q < n:
-                lo = mid + 1
-            else:
-                hi = mid
-        r = lo
+    if n.bit_length() >= 1000:
+        raise NeedSymbolic("higher root of a huge number")
+    r = round(n ** (1.0 / q))
     for c in (r - 1, r, r + 1):
         if c >= 0 and c**q == n:
             return c

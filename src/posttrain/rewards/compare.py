@@ -168,6 +168,21 @@ class Comparer:
     def __init__(self, symbolic=None):
         self.B = Budget()
         self.symbolic = symbolic
+        self._values: dict[int, tuple] = {}  # id(node) -> (node, value or exception): each item evaluated once
+
+    def _evaluate(self, node):
+        hit = self._values.get(id(node))
+        if hit is not None and hit[0] is node:
+            if isinstance(hit[1], Exception):
+                raise hit[1]
+            return hit[1]
+        try:
+            v = evaluate(node, self.B)
+        except (NeedSymbolic, TooLarge, Undefined, NotScalar, ZeroDivisionError) as exc:
+            self._values[id(node)] = (node, exc)
+            raise
+        self._values[id(node)] = (node, v)
+        return v
 
     # ------------------------------------------------------------ collections
     def answers(self, p, g):
@@ -385,7 +400,7 @@ class Comparer:
         vals, need = [], None
         for node in (p, g):
             try:
-                vals.append(evaluate(node, self.B))
+                vals.append(self._evaluate(node))
             except (NeedSymbolic,) as exc:
                 need = exc
                 vals.append(None)

@@ -8,7 +8,9 @@ already opens a marker (``<start_working_out>``, ``<think>``) puts that marker i
 passes only the generated text to rewards, so a format check that looks for the opener fails on every
 sample. Format rewards here prepend the opener the prompt left open: given explicitly as
 ``prompt_suffix`` (the trainer computes it with ``generation_suffix(tokenizer)``), found at the end of a
-string prompt, or taken from a trailing assistant message (``continue_final_message``).
+string prompt, or taken from a trailing assistant message (``continue_final_message``). When it cannot be
+known (message-list prompts and no ``prompt_suffix``), a completion without the opener is read as if the
+template had opened it: a sample is never punished for a marker the reward cannot see.
 """
 
 from __future__ import annotations

@@ -109,17 +109,6 @@ def load_custom(spec: str):
     return fn
 
 
-def _named(fn, name):
-    if getattr(fn, "__name__", None) == name:
-        return fn
-    wrapper = functools.wraps(fn)(lambda *a, **k: fn(*a, **k)) if not isinstance(fn, functools.partial) else fn
-    try:
-        wrapper.__name__ = name
-    except (AttributeError, TypeError):
-        pass
-    return wrapper
-
-
 def _resolve(spec, shared) -> list[tuple[object, float]]:
     """One spec -> [(callable, weight)] (a preset gives several)."""
     if isinstance(spec, dict):

@@ -14,10 +14,11 @@ The scores and quirks are kept on purpose so a posttrain run reproduces the note
   else -1.5; a conversion error 0.
 
 One deliberate change, the fix of the seeds' project bug: the text checked is the opener the prompt
-left open + the completion (see ``functions.opened_prefix``), and ``format_exact`` (with the default
-``require_opener=True``) requires the reasoning opener at the start. With the upstream template the
-opener comes from the generation prompt, so well-formed completions score exactly as upstream; with the
-project's ``<think>`` template they no longer score 0 on every sample.
+left open + the completion (see ``functions.opened_prefix``; an unknown generation prompt is assumed to
+have opened the reasoning), and ``format_exact`` (with the default ``require_opener=True``) requires the
+reasoning opener at the start. With the upstream template the opener comes from the generation prompt,
+so well-formed completions score exactly as upstream (a test checks this against the upstream code on
+400 random completions); with the project's ``<think>`` template they no longer score 0 on every sample.
 """
 
 from __future__ import annotations
