@@ -341,7 +341,13 @@ def _exact_root(n: int, q: int):
         return n
     if n.bit_length() >= 1000:
         raise NeedSymbolic("higher root of a huge number")
-    r = round(n ** (1.0 / q))
+    x = int(n ** (1.0 / q) * (1 + 1e-9)) + 2  # above the root; integer Newton steps down to floor(root)
+    while True:
+        y = ((q - 1) * x + n // x ** (q - 1)) // q
+        if y >= x:
+            break
+        x = y
+    r = x
     for c in (r - 1, r, r + 1):
         if c >= 0 and c**q == n:
             return c
