@@ -23,6 +23,7 @@ __all__ = [
     "extract_answer",
     "generation_suffix",
     "get_reward_funcs",
+    "resolve_rewards",
     "verify",
 ]
 
@@ -32,7 +33,7 @@ def __getattr__(name):  # lazy: keep `import posttrain.rewards` cheap
         from posttrain.rewards.pool import VerifierPool
 
         return VerifierPool
-    if name in ("get_reward_funcs", "RewardSet", "RewardFailureError"):
+    if name in ("get_reward_funcs", "resolve_rewards", "RewardSet", "RewardFailureError"):
         from posttrain.rewards import registry
 
         return getattr(registry, name)

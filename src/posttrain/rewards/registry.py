@@ -148,6 +148,12 @@ def get_reward_funcs(names_or_specs, *, prompt_suffix=None, pool=None, markers=N
     return [fn for spec in _as_list(names_or_specs) for fn, _ in _resolve(spec, shared)]
 
 
+def resolve_rewards(names_or_specs, *, prompt_suffix=None, pool=None, markers=None) -> list[tuple[object, float]]:
+    """Like ``get_reward_funcs`` but keeps each function's weight: ``[(callable, weight), ...]``."""
+    shared = {"prompt_suffix": prompt_suffix, "pool": pool, "markers": markers}
+    return [pair for spec in _as_list(names_or_specs) for pair in _resolve(spec, shared)]
+
+
 def _as_list(specs):
     if isinstance(specs, (str, dict)) or callable(specs):
         return [specs]
@@ -179,8 +185,7 @@ class RewardSet:
 
     @classmethod
     def from_specs(cls, specs, *, prompt_suffix=None, pool=None, markers=None, max_failure_fraction=0.5):
-        shared = {"prompt_suffix": prompt_suffix, "pool": pool, "markers": markers}
-        pairs = [pair for spec in _as_list(specs) for pair in _resolve(spec, shared)]
+        pairs = resolve_rewards(specs, prompt_suffix=prompt_suffix, pool=pool, markers=markers)
         return cls([f for f, _ in pairs], [w for _, w in pairs], max_failure_fraction=max_failure_fraction)
 
     def __call__(self, prompts, completions, **columns):
