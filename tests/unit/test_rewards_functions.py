@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from posttrain.rewards import Verdict, VerifierPool, generation_suffix, get_reward_funcs
+from posttrain.rewards import Verdict, generation_suffix, get_reward_funcs
+from posttrain.rewards.pool import default_pool
 from posttrain.rewards.functions import BoxedFormat, MathAccuracy, SoftOverlong, ThinkFormat
 from posttrain.rewards.unsloth import AnswerTiers, FormatApprox, FormatExact, NumberMatch
 
@@ -164,8 +165,7 @@ def test_format_approx_counts_an_opener_the_prompt_opened():
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(workers=1) as p:
-        yield p
+    return default_pool()
 
 
 def test_math_accuracy(pool):

@@ -8,13 +8,13 @@ import textwrap
 import pytest
 
 from posttrain.errors import UserError
-from posttrain.rewards import RewardFailureError, RewardSet, VerifierPool, get_reward_funcs
+from posttrain.rewards import RewardFailureError, RewardSet, get_reward_funcs
+from posttrain.rewards.pool import default_pool
 
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(workers=1) as p:
-        yield p
+    return default_pool()
 
 
 def test_names_and_presets():

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from posttrain.rewards import Verdict, VerifierPool, verify
+from posttrain.rewards import Verdict, verify
+from posttrain.rewards.pool import default_pool
 from tests.unit.verify_cases import CASES
 
 TIMEOUT_S = 10.0  # generous: sympy cases take < 0.3 s here, but the 2-core test box is shared and loaded
@@ -13,9 +14,9 @@ TIME_CAP_S = TIMEOUT_S + 2.0  # nothing may run past the pool's hard limit (plus
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(workers=2, timeout=TIMEOUT_S) as p:
-        p.verify(r"\sin x", r"\cos x")  # start the workers outside the timed cases
-        yield p
+    p = default_pool()  # shared with the other test modules: workers start once
+    p.verify(r"\sin x", r"\cos x")  # start the workers outside the timed cases
+    return p
 
 
 def test_suite_is_large_and_covers_every_category():
@@ -32,7 +33,7 @@ def test_suite_is_large_and_covers_every_category():
 @pytest.mark.parametrize("pred,gold,expected,category,kind", CASES, ids=[f"{i}-{c[3]}" for i, c in enumerate(CASES)])
 def test_case(pool, pred, gold, expected, category, kind):
     t = time.perf_counter()
-    v = verify(pred, gold, pool=pool)
+    v = verify(pred, gold, pool=pool, timeout=TIMEOUT_S)
     elapsed = time.perf_counter() - t
     assert isinstance(v, Verdict)
     assert v.equal is expected, f"{category}: verify({pred[:80]!r}, {gold[:80]!r}) -> {v}"

@@ -49,7 +49,7 @@ def test_many_timeouts_in_one_batch_do_not_stall(pool):
 def test_dead_worker_is_replaced(pool):
     for w in pool._workers:
         w.proc.kill()
-        w.proc.join()
+        w.proc.wait()
     v = pool.verify(r"\cos\pi", "-1")
     assert v.equal
 

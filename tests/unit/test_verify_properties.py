@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posttrain.rewards import VerifierPool, verify
+from posttrain.rewards import verify
+from posttrain.rewards.pool import default_pool
 
 CAP_S = 2.0 + 1.5
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -21,9 +22,9 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 @pytest.fixture(scope="module")
 def pool():
-    with VerifierPool(workers=2) as p:  # the default 2 s hard limit per pair
-        p.verify(r"\sin x", r"\cos x")  # start the workers outside the timed examples
-        yield p
+    p = default_pool()  # the default 2 s hard limit per pair; shared with the other test modules
+    p.verify(r"\sin x", r"\cos x")  # start the workers outside the timed examples
+    return p
 
 
 LATEX_TOKENS = [

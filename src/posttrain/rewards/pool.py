@@ -6,65 +6,29 @@ deadline; a worker that misses it is killed (SIGKILL) and replaced, the task's v
 ``timeout`` (counted in ``stats``), and the pool keeps going. Workers also run under an address-space
 limit, so a runaway allocation ends in a MemoryError verdict instead of swapping the machine.
 
-Workers start with the ``forkserver`` method where available (a clean interpreter that has imported
-sympy once; each worker is a cheap fork of it, so a replacement is ready in milliseconds) and ``spawn``
-elsewhere; both are safe with torch or CUDA in the parent. They are started on first use.
+Workers are fresh interpreters (``python -m posttrain.rewards.worker``) talking over a socket pair:
+nothing is inherited from the parent (torch, CUDA, threads), and, unlike multiprocessing's spawn and
+forkserver methods, the caller's main module is never re-imported, so ``verify()`` works from an
+unguarded script too. A worker is ready after importing sympy (about a second); they start on first use.
 """
 
 from __future__ import annotations
 
 import atexit
 import itertools
-import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 from posttrain.rewards.verifier import DEFAULT_TIMEOUT, Verdict, verify_fast
 
 START_TIMEOUT = 120.0
-
-
-def _worker_main(conn, memory_limit_mb: int | None) -> None:
-    try:
-        if memory_limit_mb:
-            import resource
-
-            limit = memory_limit_mb * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        from posttrain.rewards.verifier import verify_symbolic
-
-        import posttrain.rewards.symbolic  # noqa: F401 - import sympy before saying "ready"
-    except BaseException as exc:  # noqa: BLE001 - tell the parent why we cannot work
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        tid, op, args = msg
-        try:
-            if op == "verify":
-                res = verify_symbolic(*args)
-            elif op == "sleep":  # used by the tests to simulate a stuck worker
-                time.sleep(args[0])
-                res = Verdict(True, "slept")
-            else:
-                res = Verdict(False, f"error:unknown op {op}")
-        except MemoryError:
-            res = Verdict(False, "too_large")
-        except BaseException as exc:  # noqa: BLE001 - a verdict, never a dead worker
-            res = Verdict(False, f"error:{type(exc).__name__}")
-        try:
-            conn.send((tid, res))
-        except (OSError, ValueError):
-            return
 
 
 class _Worker:
@@ -76,15 +40,6 @@ class _Worker:
         self.ready = False
         self.tid = None
         self.started = time.monotonic()
-
-
-def _context(start_method: str | None):
-    methods = mp.get_all_start_methods()
-    method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["posttrain.rewards.symbolic", "posttrain.rewards.verifier", "latex2sympy2_extended.latex2sympy2"])
-    return ctx
 
 
 class VerifierPool:
@@ -104,13 +59,10 @@ class VerifierPool:
         workers: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         memory_limit_mb: int | None = 2048,
-        start_method: str | None = None,
     ):
         self.size = max(1, workers or min(4, os.cpu_count() or 1))
         self.timeout = timeout
         self.memory_limit_mb = memory_limit_mb
-        self._start_method = start_method
-        self._ctx = None
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -163,10 +115,10 @@ class VerifierPool:
                 except (OSError, ValueError):
                     pass
             for w in self._workers:
-                w.proc.join(timeout=1)
-                if w.proc.is_alive():
-                    w.proc.kill()
-                    w.proc.join(timeout=1)
+                try:
+                    w.proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    _kill(w)
                 w.conn.close()
             self._workers = []
 
@@ -178,20 +130,21 @@ class VerifierPool:
 
     # ------------------------------------------------------------ internals
     def _spawn(self) -> _Worker:
-        if self._ctx is None:
-            self._ctx = _context(self._start_method)
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.memory_limit_mb), daemon=True)
-        proc.start()
-        child.close()
-        return _Worker(proc, parent)
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        src = str(Path(__file__).resolve().parents[2])  # the directory holding the posttrain package
+        env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "posttrain.rewards.worker", str(child.fileno()), str(self.memory_limit_mb or 0)],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
+            )
+        finally:
+            child.close()
+        return _Worker(proc, Connection(parent.detach()))
 
     def _replace(self, w: _Worker) -> None:
-        try:
-            w.proc.kill()
-            w.proc.join(timeout=2)
-        except (OSError, ValueError, AssertionError):
-            pass
+        _kill(w)
         w.conn.close()
         idx = self._workers.index(w)
         self._workers[idx] = self._spawn()
@@ -257,6 +210,14 @@ class VerifierPool:
             out[idx] = Verdict(False, "error:worker crashed", *_shown(tasks[idx]))
             self.stats["crashes"] += 1
         self._replace(w)
+
+
+def _kill(w: _Worker) -> None:
+    try:
+        w.proc.kill()
+        w.proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 def _shown(task):

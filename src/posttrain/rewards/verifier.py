@@ -230,11 +230,12 @@ def verify_symbolic(prediction: str, gold: str) -> Verdict:
         return Verdict(False, f"error:{type(exc).__name__}", st.pred, st.gold)
 
 
-def verify(prediction: str, gold: str, *, timeout: float = DEFAULT_TIMEOUT, pool=None) -> Verdict:
+def verify(prediction: str, gold: str, *, timeout: float | None = None, pool=None) -> Verdict:
     """Is ``prediction`` the same answer as ``gold``? Never raises for any input strings.
 
     Ordinary answers are decided in-process; symbolic ones in ``pool`` (default: a shared
-    ``VerifierPool``, started on first need) under a hard ``timeout`` in seconds.
+    ``VerifierPool``, started on first need) under a hard ``timeout`` in seconds (default: the pool's,
+    2 s unless the pool was made with another).
 
     >>> verify(r"\\frac{1}{2}", "0.5").equal
     True
