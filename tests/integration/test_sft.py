@@ -37,11 +37,14 @@ def data_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chats(24))
 
 
-def recipe(model, data, out, *overrides):
-    base = [f"model.name={model}", f"data.path={data}", f"output_dir={out}", "data.template=chatml",
+def overrides_for(model, data, out, *overrides) -> list[str]:
+    return [f"model.name={model}", f"data.path={data}", f"output_dir={out}", "data.template=chatml",
             "data.max_length=128", "lora.r=4", "lora.alpha=8", "train.lr=5e-3", "train.warmup_steps=1",
-            "train.max_grad_norm=null", "train.log_every=1"]
-    return load_recipe(None, base + list(overrides))
+            "train.max_grad_norm=null", "train.log_every=1", *overrides]
+
+
+def recipe(model, data, out, *overrides):
+    return load_recipe(None, overrides_for(model, data, out, *overrides))
 
 
 def adapter(run: Path) -> dict:
@@ -196,3 +199,28 @@ def test_4bit_without_bitsandbytes_names_the_fix(tiny_qwen3, data_file, tmp_path
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2
     assert "needs bitsandbytes: pip install 'posttrain[gpu]'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_qwen3, data_file, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo DDP), 2 x 2 per process, vs 1 process with 2 x 4."""
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("model: {name: x}\ndata: {path: x}\n")
+    args = ["train.batch_size=2", "train.max_steps=3", "train.max_grad_norm=0.5"]
+    # accelerate's --cpu launcher runs one process; --multi_gpu starts torchrun, and on a machine without
+    # CUDA the processes join a gloo process group on the CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain.cli", "sft", str(recipe_file),
+           *overrides_for(tiny_qwen3, data_file, tmp_path / "ddp", *args, "train.grad_accum=2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    train(recipe(tiny_qwen3, data_file, tmp_path / "one", *args, "train.grad_accum=4"))
+    rows = {k: [json.loads(l) for l in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("ddp", "one")}
+    for key in ("loss", "grad_norm", "target_tokens"):
+        assert [r[key] for r in rows["ddp"]] == pytest.approx([r[key] for r in rows["one"]], rel=1e-4), key
+    # Weights agree to well within one Adam step (lr 5e-3): Adam divides by sqrt(v), so gradients that are
+    # zero up to float rounding (summed in a different order by the all-reduce) may move by up to ~lr.
+    a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "one")
+    assert_same(a, b, 5e-3)
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diffs < 1e-6).float().mean() > 0.9
