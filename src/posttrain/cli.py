@@ -14,6 +14,7 @@ import sys
 # command name -> module that registers it
 COMMANDS = {
     "sft": "posttrain.commands.sft_cmd",
+    "grpo": "posttrain.commands.grpo_cmd",
     "verify": "posttrain.commands.verify_cmd",
     "eval": "posttrain.commands.eval_cmd",
     "export": "posttrain.commands.export_cmd",

@@ -1,0 +1,635 @@
+"""GRPO: reinforcement learning from verifiable rewards, readable top to bottom: setup -> loop -> save.
+
+Each step: take P prompts per process (each group whole on one process), sample G completions of each
+(``posttrain.rollout``), score them with the reward functions, turn rewards into group-relative advantages,
+and take ``num_iterations`` optimizer steps on the clipped surrogate. Per completion ``i`` of a group with
+rewards ``r_1..r_G`` (weighted sum of the reward functions; a completion every function skipped is NaN):
+
+    A_i     = (r_i - mean(r)) / (std(r) + 1e-4)             scale_rewards=group (batch: std of the batch;
+                                                             none: no division); std is the unbiased one
+    rho_i,t = exp(logp_theta(o_i,t) - logp_old(o_i,t))      logp at temperature T (logits / T), as sampled
+    l_i,t   = -min(rho A_i, clip(rho, 1 - eps, 1 + eps_high) A_i) + beta * KL3_i,t
+    KL3_i,t = exp(logp_ref - logp_theta) - (logp_ref - logp_theta) - 1     (Schulman's k3 estimator)
+    loss    = aggregate(l, loss_type)   grpo: mean_i mean_t;  bnpo: token mean per micro-batch;
+                                        dr_grpo: sum / (B * max_completion_length);  dapo: sum / tokens of the
+                                        whole step (all micro-batches and processes)
+              - entropy_coef * mean token entropy
+
+Departures from the DeepSeekMath paper (GRPO), each TRL's choice too unless said otherwise:
+- The KL is added to the per-token loss (inside the aggregation), not as a separate penalty on the reward;
+  the reference is the base model with the LoRA adapters disabled (no second copy), or a frozen copy in full
+  fine-tuning. ``beta`` defaults to 0 (DAPO, Dr. GRPO): no reference forward at all.
+- Loss aggregation is selectable; the paper's is ``grpo``. The default is ``dapo`` (TRL's default).
+- ``epsilon_high`` (DAPO clip-higher) may differ from ``epsilon``.
+- Log-probabilities use the sampling temperature (logits / T). top-k/top-p/min-p filters are not part of
+  the scored distribution (they only shape sampling), as in TRL.
+- ``num_iterations`` > 1: the old log-probabilities are the first iteration's own log-probabilities
+  (detached), taken before any update of this step, instead of a separate forward (TRL's); with LoRA
+  dropout 0 they are identical. A step is one batch of rollouts: with num_iterations=k it makes k optimizer
+  updates (TRL counts updates as steps); the schedule counts updates.
+- Options from later work: ``mask_truncated_completions`` (DAPO overlong filtering), ``dynamic_sampling``
+  (DAPO: drop groups whose rewards all agree, optionally drawing more prompts to refill the batch), an
+  entropy bonus.
+- Micro-batches of a step are sorted by length (less padding) rather than shuffled; only ``bnpo`` (token
+  mean per micro-batch) can notice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from posttrain.checkpoint import collect_rank_rng, load_checkpoint, save_checkpoint
+from posttrain.config import save_recipe
+from posttrain.data.formats import is_numeric_answer
+from posttrain.data.loading import load_rows
+from posttrain.data.templates import install_template
+from posttrain.errors import UserError
+from posttrain.grpo_config import GRPORecipe, check_group_batch
+from posttrain.grpo_losses import (aggregate_loss, clip_fractions, group_advantages, mask_truncated, masked_mean,
+                                   per_token_grpo_loss, selective_log_softmax, zero_std_groups)
+from posttrain.models import decoder_and_head, load_model, resolve_device
+from posttrain.optim import build_optimizer, build_scheduler
+from posttrain.rollout import SamplingParams
+from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.sft import GracefulStop, peak_memory_mb, save_final
+from posttrain.tracking import MetricsLogger
+
+PROMPT_COLUMNS = ("prompt", "problem", "question")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def prepare_prompts(cfg: GRPORecipe, tok, rows: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """Rows -> prompts rendered with the chat template and tokenized; the seeds' length rule applied.
+
+    Each prompt is ``{"ids", "messages", "columns"}``; ``columns`` are every other column of the row (they all
+    reach the rewards), plus ``answer`` from ``data.columns.answer`` when that is set. ``max_prompt_length:
+    auto`` keeps prompts up to the ``prompt_length_quantile`` (0.9) of the prompt lengths; longer ones are
+    dropped and counted. Completions get the rest of ``data.max_length`` unless ``max_completion_length``.
+    """
+    d, g = cfg.data, cfg.grpo
+    rows = load_rows(d) if rows is None else rows
+    stats = {"rows": len(rows)}
+    cols = d.columns
+    prompt_col = cols.problem if cols else next((c for c in PROMPT_COLUMNS if c in rows[0]), None)
+    answer_col = cols.answer if cols else None
+    if prompt_col is None or prompt_col not in rows[0]:
+        raise UserError(f"data: no prompt column {prompt_col or '/'.join(PROMPT_COLUMNS)!r} in {d.path} "
+                        f"(columns: {sorted(rows[0])}); set data.columns.problem")
+    if answer_col is not None and answer_col not in rows[0]:
+        raise UserError(f"data.columns.answer={answer_col!r} is not a column of {d.path} (columns: {sorted(rows[0])})")
+    if d.numeric_answer_only:
+        if answer_col is None:
+            raise UserError("data.numeric_answer_only needs data.columns.answer (the gold answer column)")
+        rows = [r for r in rows if is_numeric_answer(r.get(answer_col))]
+        stats["dropped_non_numeric"] = stats["rows"] - len(rows)
+    if d.sample is not None and d.sample < len(rows):
+        rows = random.Random(d.seed).sample(rows, d.sample)
+    install_template(tok, d.template, d.markers, d.system_prompt if d.template == "reasoning" else None)
+    system = d.system_prompt if d.template != "reasoning" else None
+    prompts = []
+    for i, row in enumerate(rows):
+        value = row[prompt_col]
+        if isinstance(value, list):  # TRL's conversational prompt: a list of messages
+            messages = [dict(m) for m in value]
+        elif isinstance(value, str) and value.strip():
+            messages = [{"role": "user", "content": value}]
+        else:
+            raise UserError(f"{d.path} row {i}: prompt column {prompt_col!r} is empty or not text/messages")
+        if system and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": system}] + messages
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        columns = {k: v for k, v in row.items() if k != prompt_col}
+        if answer_col is not None:
+            columns["answer"] = row[answer_col]
+        prompts.append({"ids": tok(text, add_special_tokens=False)["input_ids"], "messages": messages,
+                        "columns": columns, "row": i})
+    lengths = [len(p["ids"]) for p in prompts]
+    if g.max_prompt_length == "auto":
+        limit = int(np.quantile(lengths, g.prompt_length_quantile))
+    else:
+        limit = g.max_prompt_length
+    kept = [p for p in prompts if len(p["ids"]) <= limit]
+    stats.update(dropped_too_long=len(prompts) - len(kept), prompts=len(kept), max_prompt_length=limit)
+    max_prompt = max((len(p["ids"]) for p in kept), default=0)
+    completion = g.max_completion_length or d.max_length - max_prompt
+    if completion < 1:
+        raise UserError(f"data.max_length={d.max_length} leaves no room for completions after prompts of up to "
+                        f"{max_prompt} tokens: raise data.max_length or lower grpo.max_prompt_length")
+    stats["max_completion_length"] = completion
+    if not kept:
+        raise UserError(f"data: every prompt is longer than max_prompt_length={limit}")
+    return kept, stats
+
+
+class PromptStream:
+    """A global, seeded, epoch-shuffled order of prompts with a cursor. Every process draws the same global
+    slice and takes its own part, so processes stay in step and a resumed run continues the same order."""
+
+    def __init__(self, n: int, seed: int, cursor: int = 0):
+        self.n, self.seed, self.cursor = n, seed, cursor
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def draw(self, count: int) -> list[tuple[int, int]]:
+        """-> [(prompt index, draw number)] for the next ``count`` prompts (the draw number seeds sampling)."""
+        out = []
+        for _ in range(count):
+            epoch, k = divmod(self.cursor, self.n)
+            out.append((self._order(epoch)[k], self.cursor))
+            self.cursor += 1
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- model pieces
+
+
+def load_policy(cfg: GRPORecipe, verbose: bool = True):
+    """(model, tokenizer); with ``init_adapter`` the SFT adapter is continued or merged (see the config)."""
+    if cfg.init_adapter is None:
+        return load_model(cfg.model, cfg.lora, verbose=verbose)
+    from peft import PeftModel
+
+    path = Path(cfg.init_adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"init_adapter={path}: no adapter_config.json there; give the adapter/ directory of an "
+                        "SFT run (e.g. runs/sft/adapter)")
+    if cfg.init_adapter_mode == "continue":
+        model, tok = load_model(cfg.model, None, verbose=verbose)
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True), tok
+    if cfg.lora is None:
+        raise UserError("init_adapter_mode=merge trains a new adapter on the merged model: give a lora: section")
+    base, tok = load_model(cfg.model, None, for_training=False, verbose=verbose)
+    merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    from posttrain.models import prepare_for_training
+
+    return prepare_for_training(merged, cfg.model, cfg.lora), tok
+
+
+class PolicyLogps(torch.nn.Module):
+    """The forward that training differentiates: token log-probabilities (and entropies) of the completion
+    tokens only, the head applied in chunks. Wrapped whole by DDP so it sees every parameter use."""
+
+    def __init__(self, model, temperature: float, chunk_size: int):
+        super().__init__()
+        self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
+
+    def forward(self, input_ids, attention_mask, rows, cols, targets, entropy_grad: bool = False):
+        decoder, head = decoder_and_head(self.model)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return selective_log_softmax(hidden[rows, cols], head.weight, targets, bias=getattr(head, "bias", None),
+                                     temperature=self.temperature or 1.0, chunk_size=self.chunk_size,
+                                     entropy=True, entropy_grad=entropy_grad)
+
+
+def pack_micro_batch(items: list[dict], pad_id: int, device) -> dict:
+    """Rows ``prompt + completion`` right-padded; the positions that predict completion tokens."""
+    width = max(len(it["prompt"]) + it["length"] for it in items)
+    T = max(it["length"] for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, it in enumerate(items):
+        p, c = it["prompt"], it["completion"][:it["length"]]
+        ids[b, :len(p) + len(c)] = torch.tensor(p + c)
+        attn[b, :len(p) + len(c)] = 1
+        rows += [b] * len(c)
+        cols += range(len(p) - 1, len(p) - 1 + len(c))
+        targets += c
+    mask = torch.zeros((len(items), T))
+    for b, it in enumerate(items):
+        mask[b, :it["length"]] = it["mask"]
+    return {"ids": ids.to(device), "attn": attn.to(device), "rows": torch.tensor(rows, device=device),
+            "cols": torch.tensor(cols, device=device), "targets": torch.tensor(targets, device=device),
+            "mask": mask.to(device), "adv": torch.tensor([it["advantage"] for it in items], device=device)}
+
+
+def unpad(flat: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(N_tokens,) -> (B, T) with zeros on padding."""
+    out = flat.new_zeros(batch["mask"].shape)
+    starts = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=flat.device)
+    lengths = torch.bincount(batch["rows"], minlength=out.shape[0])
+    starts[1:] = lengths.cumsum(0)
+    t = torch.arange(flat.shape[0], device=flat.device) - starts[batch["rows"]]
+    out[batch["rows"], t] = flat
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+class CheckedReward:
+    """Wraps a reward function: a wrong number of values, NaN or infinity is recorded, and the loop stops
+    with an error naming the function (a quiet NaN would poison every advantage of its group)."""
+
+    def __init__(self, fn, problems: list):
+        self.fn, self.problems = fn, problems
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, prompts, completions, **columns):
+        values = self.fn(prompts=prompts, completions=completions, **columns)
+        try:
+            seq = list(values)
+        except TypeError:
+            return values
+        if len(seq) != len(completions):
+            self.problems.append(f"reward {self.__name__!r} returned {len(seq)} values for {len(completions)} "
+                                 "completions; it must return one float (or None to skip) per completion")
+        bad = [v for v in seq if v is not None and isinstance(v, (int, float)) and not math.isfinite(v)]
+        if bad:
+            self.problems.append(f"reward {self.__name__!r} returned {bad[0]} (non-finite); return a finite float, "
+                                 "or None to skip a completion")
+        return values
+
+
+def build_rewards(cfg: GRPORecipe, tok, reward_funcs=None):
+    from posttrain.rewards import RewardSet
+    from posttrain.rewards.registry import _as_list, _resolve
+    from posttrain.rewards.functions import Markers, generation_suffix
+
+    suffix = generation_suffix(tok)
+    m = cfg.data.markers
+    shared = {"prompt_suffix": suffix, "pool": None, "markers": Markers(m.reasoning_start, m.reasoning_end,
+                                                                        m.solution_start, m.solution_end)}
+    pairs = ([(f, 1.0) for f in reward_funcs] if reward_funcs is not None else
+             [pair for spec in _as_list(cfg.rewards) for pair in _resolve(spec, shared)])
+    weights = cfg.grpo.reward_weights or [w for _, w in pairs]
+    if len(weights) != len(pairs):
+        names = [getattr(f, "__name__", "?") for f, _ in pairs]
+        raise UserError(f"grpo.reward_weights has {len(weights)} weights for {len(pairs)} reward functions {names}")
+    problems: list[str] = []
+    return RewardSet([CheckedReward(f, problems) for f, _ in pairs], weights), problems
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[dict] | None = None) -> Path:
+    """Run GRPO as the recipe says; ``reward_funcs`` (callables) and ``rows`` replace the recipe's (tests)."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    device = resolve_device(cfg.model.device)
+    accelerator = Accelerator(cpu=not device.startswith("cuda"))
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = str(accelerator.device) if world > 1 else device
+    g, t = cfg.grpo, cfg.train
+    run_dir = Path(cfg.output_dir)
+    if not resume and is_main and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another "
+                        "output_dir")
+    prompts_per_proc = check_group_batch(cfg)
+    G = g.num_generations
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+
+    model, tok = load_policy(cfg, verbose=is_main)
+    prompts, pstats = prepare_prompts(cfg, tok, rows)
+    rewards, reward_problems = build_rewards(cfg, tok, reward_funcs)
+    if is_main:
+        print(f"[posttrain] prompts: {pstats['prompts']} of {pstats['rows']} rows (dropped "
+              f"{pstats['dropped_too_long']} over max_prompt_length={pstats['max_prompt_length']}"
+              + (f", {pstats['dropped_non_numeric']} non-numeric answers" if "dropped_non_numeric" in pstats else "")
+              + f"); completions up to {pstats['max_completion_length']} tokens; rewards: {', '.join(rewards.names)}")
+        save_recipe(cfg, run_dir)
+    max_completion = pstats["max_completion_length"]
+    steps_per_epoch = max(1, len(prompts) // (prompts_per_proc * world))
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    is_peft = hasattr(model, "disable_adapter")
+    ref_model = None
+    if g.beta != 0 and not is_peft:  # full fine-tuning: a frozen copy is the reference
+        ref_model, _ = load_model(cfg.model, None, for_training=False, verbose=False)
+
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, total_steps * g.num_iterations)
+    policy = accelerator.prepare(PolicyLogps(model, g.temperature, t.loss_chunk_size))
+    engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows)
+    stop_ids = engine.default_stop_ids()
+    sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p,
+                              max_new_tokens=max_completion, stop_token_ids=stop_ids,
+                              stop_strings=tuple(g.stop_strings), seed=t.seed)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and
+                next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
+    pad_id = engine.pad_id
+
+    start_step, cursor, total_tokens = 0, 0, 0
+    if resume:
+        state = load_checkpoint(run_dir, model, optimizer, scheduler, rank=rank)
+        if state is None:
+            raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+        start_step, cursor, total_tokens = state["step"], state["cursor"], state.get("num_tokens", 0)
+        if is_main:
+            print(f"[posttrain] resumed from step {start_step}")
+    stream = PromptStream(len(prompts), t.seed, cursor)
+    logger = MetricsLogger(run_dir, t.report_to, total_steps, resume_step=start_step, enabled=is_main,
+                           title="grpo", config=cfg.model_dump(mode="json"))
+    stop = GracefulStop()
+    zero_std_warned = -10**9
+
+    for step in range(start_step, total_steps):
+        t_step = time.perf_counter()
+        # ---- rollouts and rewards (dynamic sampling may draw more rounds of prompts)
+        groups, dropped_groups, round_ = [], 0, 0
+        all_rewards_first = None
+        t_roll = t_rew = 0.0
+        gen_tokens = seen_tokens = 0
+        while True:
+            draws = stream.draw(prompts_per_proc * world)[rank * prompts_per_proc:(rank + 1) * prompts_per_proc]
+            need = prompts_per_proc - len(groups)
+            new = []
+            if need > 0:
+                batch_prompts = [prompts[i] for i, _ in draws]
+                t0 = time.perf_counter()
+                ro = engine.generate([p["ids"] for p in batch_prompts], G, sampling, seeds=[k for _, k in draws])
+                t_roll += time.perf_counter() - t0
+                gen_tokens += ro.stats["tokens"]
+                t0 = time.perf_counter()
+                new = score_groups(ro, batch_prompts, rewards, reward_problems, tok, step,
+                                   g.mask_truncated_completions)
+                seen_tokens += ro.stats["tokens"] + sum(len(p["ids"]) for p in batch_prompts) * G
+                t_rew += time.perf_counter() - t0
+            round_rewards = gather_object([x["rewards"] for x in new]) if world > 1 else [x["rewards"] for x in new]
+            if all_rewards_first is None:
+                all_rewards_first = [r for grp in round_rewards for r in grp]
+                first_groups = list(new)
+            if g.dynamic_sampling:
+                kept = [x for x in new if not x["zero_std"]]
+                dropped_groups += len(new) - len(kept)
+                groups += kept[:max(need, 0)]
+            else:
+                groups += new
+            short = prompts_per_proc - len(groups)
+            any_short = max(gather_object([short])) if world > 1 else short
+            if not g.dynamic_sampling or any_short <= 0 or round_ >= g.dynamic_sampling_rounds:
+                break
+            round_ += 1
+
+        # ---- advantages over the whole batch (the batch std needs every process's rewards)
+        local = [r for grp in groups for r in grp["rewards"]]
+        everyone = gather_object([local]) if world > 1 else [local]
+        flat = torch.tensor([r for part in everyone for r in part], dtype=torch.float64)
+        offset = sum(len(part) for part in everyone[:rank])
+        adv, _ = group_advantages(flat, G, g.scale_rewards) if flat.numel() else (flat, flat)
+        adv = adv[offset:offset + len(local)].float()
+        first = torch.tensor(all_rewards_first, dtype=torch.float64)
+        frac_zero = float(zero_std_groups(first, G).float().mean()) if first.numel() else 1.0
+        if is_main and frac_zero > g.zero_std_warning and step - zero_std_warned >= 10:
+            zero_std_warned = step
+            what = ("the policy loss and its gradient are zero" if frac_zero == 1.0 and g.beta == 0 and
+                    not g.dynamic_sampling else "they carry no learning signal")
+            warnings.warn(f"step {step + 1}: {frac_zero:.0%} of the groups got rewards that all agree "
+                          f"(frac_reward_zero_std={frac_zero:.2f}); {what}. Try grpo.dynamic_sampling=true, a larger "
+                          "grpo.num_generations, an easier dataset, or a reward with partial credit.", stacklevel=1)
+
+        # ---- completions into micro-batches (by length: less padding)
+        items = []
+        for grp in groups:
+            items += grp["items"]
+        for it, a in zip(items, adv.tolist()):
+            it["advantage"] = a
+        items.sort(key=lambda it: -(len(it["prompt"]) + it["length"]))
+        dummy = not items
+        if dummy:  # nothing left on this process: one zero-weight micro-batch keeps DDP in step
+            items = first_groups[0]["items"][:1]
+            items[0]["advantage"] = 0.0
+        batches = [pack_micro_batch(items[i:i + t.batch_size], pad_id, device)
+                   for i in range(0, len(items), t.batch_size)]
+        counts = torch.tensor([sum(float(b["mask"].sum()) for b in batches)], dtype=torch.float64, device=device)
+        if world > 1:
+            counts = accelerator.reduce(counts, reduction="sum")
+        num_items = max(float(counts[0]), 1.0) / world
+
+        # ---- reference log-probs (once per batch) and the optimizer updates
+        t_train = time.perf_counter()
+        ref = [None] * len(batches)
+        if g.beta != 0:
+            with torch.no_grad(), autocast:
+                for j, b in enumerate(batches):
+                    ref[j] = reference_logps(model, ref_model, policy, b)
+        old = [None] * len(batches)
+        stats = {"kl": [], "entropy": [], "clip": [], "loss": 0.0}
+        for it_n in range(g.num_iterations):
+            loss_sum = 0.0
+            for j, b in enumerate(batches):
+                sync = j == len(batches) - 1
+                with (nullcontext() if sync or world == 1 else accelerator.no_sync(policy)), autocast:
+                    flat_lp, flat_ent = policy(b["ids"], b["attn"], b["rows"], b["cols"], b["targets"],
+                                               entropy_grad=g.entropy_coef > 0)
+                    logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
+                    if old[j] is None:
+                        old[j] = logps.detach()
+                    ptl, ratio, kl = per_token_grpo_loss(logps, old[j], b["adv"], ref_logps=ref[j], beta=g.beta,
+                                                         epsilon_low=g.epsilon, epsilon_high=g.epsilon_high)
+                    loss = aggregate_loss(ptl, b["mask"], g.loss_type, max_completion_length=max_completion,
+                                          num_items=num_items)
+                    if g.loss_type != "dapo":
+                        loss = loss / len(batches)
+                    if g.entropy_coef:
+                        loss = loss - g.entropy_coef * masked_mean(ent, b["mask"]) / len(batches)
+                    if dummy:
+                        loss = loss * 0.0
+                    accelerator.backward(loss)
+                loss_sum += float(loss.detach())
+                if not dummy:
+                    stats["entropy"].append((float((ent.detach() * b["mask"]).sum()), float(b["mask"].sum())))
+                    if kl is not None:
+                        stats["kl"].append((float((kl.detach() * b["mask"]).sum()), float(b["mask"].sum())))
+                    stats["clip"].append((ratio.detach(), b["adv"], b["mask"]))
+            if not math.isfinite(loss_sum):
+                raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged. Lower train.lr "
+                                f"(now {t.lr}), check the rewards, or resume from the last checkpoint")
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["loss"] += loss_sum / g.num_iterations
+        t_train = time.perf_counter() - t_train
+
+        # ---- what users watch
+        done = step + 1
+        all_groups = gather_object([[(x["rewards"], x["per_reward"], x["lengths"], x["truncated"]) for x in first_groups]]) \
+            if world > 1 else [[(x["rewards"], x["per_reward"], x["lengths"], x["truncated"]) for x in first_groups]]
+        sums = torch.tensor([stats["loss"], seen_tokens, gen_tokens], dtype=torch.float64, device=device)
+        if world > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        total_tokens += int(sums[1])
+        dt = time.perf_counter() - t_step
+        metrics = {"loss": float(sums[0]) / world, "grad_norm": grad_norm, "learning_rate": lr,
+                   "epoch": stream.cursor / len(prompts)}
+        metrics.update(reward_metrics(all_groups, rewards.names, rewards.weights, frac_zero))
+        metrics.update(reduce_policy_stats(stats, g, accelerator, world))
+        metrics.update({"step_time": dt, "rollout_time": t_roll, "reward_time": t_rew, "train_time": t_train,
+                        "tokens_per_s": float(sums[2]) / world / max(t_roll, 1e-9), "num_tokens": total_tokens,
+                        "peak_memory_mb": peak_memory_mb(device)})
+        if g.dynamic_sampling:
+            metrics["dynamic_sampling/dropped_groups"] = dropped_groups
+            metrics["dynamic_sampling/rounds"] = round_ + 1
+        if done % t.log_every == 0 or done == total_steps:
+            logger.log(done, metrics)
+        if is_main and g.log_completions_every and (done % g.log_completions_every == 0 or done == 1):
+            log_completions(run_dir, done, first_groups, rewards.names, g.num_completions_to_print)
+        interrupted = stop.requested and done < total_steps
+        if interrupted or (t.save_every and done % t.save_every == 0 and done < total_steps):
+            accelerator.wait_for_everyone()
+            save_checkpoint(run_dir, done, model, optimizer, scheduler,
+                            {"cursor": stream.cursor, "num_tokens": total_tokens}, keep=t.keep_checkpoints, rank=rank)
+            accelerator.wait_for_everyone()
+            if is_main:
+                collect_rank_rng(run_dir, done, world)
+        if interrupted:
+            logger.close()
+            raise UserError(f"interrupted after step {done}; checkpoint saved. Continue with --resume")
+    stop.restore()
+    logger.close()
+    accelerator.wait_for_everyone()
+    out = run_dir
+    if is_main:
+        out = save_final(accelerator.unwrap_model(policy).model, tok, run_dir, is_peft)
+        print(f"[posttrain] saved {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- step pieces
+
+
+def score_groups(ro, batch_prompts: list[dict], rewards, problems: list[str], tok, step: int,
+                 mask_truncated_completions: bool = False) -> list[dict]:
+    """Rewards for one batch of rollouts -> one dict per group with its items (completions) and statistics."""
+    G = ro.num_generations
+    n = len(ro)
+    prompts_msgs = [batch_prompts[i // G]["messages"] for i in range(n)]
+    completions = [[{"role": "assistant", "content": text}] for text in ro.texts]
+    keys = list(batch_prompts[0]["columns"])
+    columns = {k: [batch_prompts[i // G]["columns"].get(k) for i in range(n)] for k in keys}
+    lengths = ro.lengths.tolist()
+    ids = [ro.completion_ids[i, :lengths[i]].tolist() for i in range(n)]
+    total, per_reward, _ = rewards(prompts_msgs, completions, completion_ids=ids, **columns)
+    if problems:
+        msg = problems[0]
+        problems.clear()
+        raise UserError(f"step {step + 1}: {msg}")
+    truncated = ro.truncated.tolist()
+    mask = ro.completion_mask.float()
+    if mask_truncated_completions:
+        mask = mask_truncated(mask, ro.truncated)
+    values = [float("nan") if v is None else float(v) for v in total]
+    zero = zero_std_groups(torch.tensor(values, dtype=torch.float64), G).tolist()
+    groups = []
+    for gi in range(n // G):
+        rows = range(gi * G, (gi + 1) * G)
+        items = [{"prompt": ro.prompt_of(i), "completion": ids[i], "length": lengths[i],
+                  "mask": mask[i, :lengths[i]],
+                  "text": ro.texts[i], "finish": ro.finish_reasons[i], "truncated": truncated[i]} for i in rows]
+        groups.append({"items": items, "rewards": [values[i] for i in rows], "zero_std": zero[gi],
+                       "per_reward": {k: [per_reward[k][i] for i in rows] for k in per_reward},
+                       "lengths": [lengths[i] for i in rows], "truncated": [truncated[i] for i in rows],
+                       "prompt_text": tok.decode(batch_prompts[gi]["ids"][-200:])})
+    return groups
+
+
+@torch.no_grad()
+def reference_logps(model, ref_model, policy, b: dict) -> torch.Tensor:
+    """Token log-probs under the reference: the base with adapters disabled, or the frozen copy."""
+    module = getattr(policy, "module", policy)
+    if ref_model is not None:
+        ref_policy = PolicyLogps(ref_model, module.temperature, module.chunk_size)
+        lp, _ = ref_policy(b["ids"], b["attn"], b["rows"], b["cols"], b["targets"])
+    else:
+        with model.disable_adapter():
+            lp, _ = module(b["ids"], b["attn"], b["rows"], b["cols"], b["targets"])
+    return unpad(lp, b)
+
+
+def reward_metrics(all_groups, names, weights, frac_zero: float) -> dict:
+    """TRL's reward and completion metrics over the step's first round of rollouts (every process)."""
+    rewards = [r for part in all_groups for x in part for r in x[0]]
+    lengths = [n for part in all_groups for x in part for n in x[2]]
+    trunc = [tr for part in all_groups for x in part for tr in x[3]]
+    r = torch.tensor(rewards, dtype=torch.float64)
+    out = {"reward": float(torch.nanmean(r)), "reward_std": float(_std(r)), "frac_reward_zero_std": frac_zero}
+    for name in names:
+        vals = torch.tensor([float("nan") if v is None else v for part in all_groups for x in part
+                             for v in x[1][name]], dtype=torch.float64)
+        out[f"rewards/{name}/mean"] = float(torch.nanmean(vals))
+        out[f"rewards/{name}/std"] = float(_std(vals))
+    term = [n for n, tr in zip(lengths, trunc) if not tr]
+    out.update({"completions/mean_length": float(np.mean(lengths)), "completions/min_length": min(lengths),
+                "completions/max_length": max(lengths), "completions/clipped_ratio": float(np.mean(trunc)),
+                "completions/mean_terminated_length": float(np.mean(term)) if term else 0.0,
+                "completions/min_terminated_length": min(term) if term else 0,
+                "completions/max_terminated_length": max(term) if term else 0})
+    return out
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    x = x[~torch.isnan(x)]
+    return x.std() if x.numel() > 1 else torch.tensor(0.0)
+
+
+def reduce_policy_stats(stats: dict, g, accelerator, world: int) -> dict:
+    def total(pairs):
+        s = torch.tensor([sum(p[0] for p in pairs), sum(p[1] for p in pairs)], dtype=torch.float64,
+                         device=accelerator.device)
+        if world > 1:
+            s = accelerator.reduce(s, reduction="sum")
+        return float(s[0] / s[1].clamp(min=1))
+
+    out = {"entropy": total(stats["entropy"])}
+    if g.beta != 0:
+        out["kl"] = total(stats["kl"])
+    if stats["clip"]:
+        T = max(c[0].shape[1] for c in stats["clip"])
+        pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731
+        ratio = torch.cat([pad(c[0]) for c in stats["clip"]])
+        adv = torch.cat([c[1] for c in stats["clip"]])
+        mask = torch.cat([pad(c[2]) for c in stats["clip"]])
+        fr = clip_fractions(ratio, adv, mask, g.epsilon, g.epsilon_high)
+        out.update({k: float(v) for k, v in fr.items()})
+    return out
+
+
+def log_completions(run_dir: Path, step: int, groups: list[dict], names: list[str], n_print: int) -> None:
+    """Every completion of the step (this process) to completions.jsonl; a few to the console as a table."""
+    path = run_dir / "completions.jsonl"
+    with path.open("a") as f:
+        for gi, grp in enumerate(groups):
+            for k, it in enumerate(grp["items"]):
+                f.write(json.dumps({"step": step, "group": gi, "prompt": grp["prompt_text"], "completion": it["text"],
+                                    "reward": grp["rewards"][k], "advantage": it.get("advantage"),
+                                    "rewards": {nm: grp["per_reward"][nm][k] for nm in names},
+                                    "length": it["length"], "finish_reason": it["finish"]}) + "\n")
+    if not n_print:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"step {step}: sample completions", show_lines=True)
+    for col in ("prompt", "completion", "reward", *names):
+        table.add_column(col, overflow="fold")
+    shown = 0
+    for grp in groups:
+        for k, it in enumerate(grp["items"]):
+            if shown >= n_print:
+                break
+            table.add_row(grp["prompt_text"][-120:], it["text"][:300], f"{grp['rewards'][k]:.3g}",
+                          *(f"{grp['per_reward'][nm][k]}" for nm in names))
+            shown += 1
+    Console(width=160).print(table)

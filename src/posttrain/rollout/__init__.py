@@ -1,0 +1,91 @@
+"""Rollout engines: sample G completions for each prompt, behind one interface.
+
+``engine.generate(prompts, n, sampling, seeds=None) -> Rollouts``
+
+- ``prompts``: token ids, one list per prompt (already rendered with the chat template).
+- ``n``: completions per prompt (GRPO's group size G). Completions of prompt ``i`` are rows ``i*n .. i*n+n-1``.
+- ``sampling``: :class:`SamplingParams` (vLLM's names where they exist).
+- ``seeds``: one integer per prompt. Completion ``j`` of a prompt with seed ``s`` is drawn from its own random
+  stream keyed by ``(sampling.seed, s, j)``, so a completion does not depend on which other prompts share its
+  batch, on the number of processes, or on a restart: resumed and multi-process runs sample the same tokens.
+
+The transformers backend is :class:`posttrain.rollout.hf.HFRolloutEngine`. A vLLM backend fits behind the same
+signature (vLLM takes token-id prompts, ``n``, per-request seeds and returns log-probabilities).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``top_k`` <= 0, ``top_p`` = 1 and ``min_p`` = 0 switch those filters off; filters apply
+    in the order temperature, top-k, top-p, min-p. ``temperature`` = 0 is greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = True
+    ignore_eos: bool = False  # never stop early: every completion is max_new_tokens long (benchmarks)
+    seed: int = 0
+    logprobs: bool = True  # return log pi_sample(token) under the temperature-scaled, unfiltered distribution
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            raise ValueError("min_p must be in [0, 1)")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+
+@dataclass
+class Rollouts:
+    """Completions of a batch of prompts, ``n`` per prompt, grouped: rows ``i*n .. i*n+n-1`` belong to prompt ``i``.
+
+    ``completion_ids`` (N, T) are right-padded with ``pad_token_id``; ``completion_mask`` (N, T) is 1 on the
+    generated tokens (a stop token that ended the completion included); ``logprobs`` (N, T) are the sampling
+    log-probabilities when the backend gives them (0 on padding). ``finish_reasons`` are ``"stop"`` (a stop
+    token or string) or ``"length"`` (cut at ``max_new_tokens``).
+    """
+
+    prompt_ids: list[list[int]]
+    num_generations: int
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    finish_reasons: list[str]
+    logprobs: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        return torch.tensor([r == "length" for r in self.finish_reasons], dtype=torch.bool)
+
+    def prompt_of(self, row: int) -> list[int]:
+        return self.prompt_ids[row // self.num_generations]
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, *,
+                 seeds: Sequence[int] | None = None) -> Rollouts: ...
+
+
+__all__ = ["RolloutEngine", "Rollouts", "SamplingParams"]
