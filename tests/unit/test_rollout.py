@@ -155,7 +155,7 @@ def test_filters_by_hand():
     assert keep(filter_logits(logits, top_p=0.7)) == [True, True, False, False]  # 0.5 < 0.7 -> add 0.25
     assert keep(filter_logits(logits, top_p=0.45)) == [True, False, False, False]
     assert keep(filter_logits(logits, min_p=0.32)) == [True, True, False, False]  # below 0.16 = 0.32 * 0.5
-    assert keep(filter_logits(logits, min_p=0.2)) == [True, True, True, True]
+    assert keep(filter_logits(logits, min_p=0.18)) == [True, True, True, True]
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution(policy):
