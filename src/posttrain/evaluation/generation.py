@@ -59,10 +59,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 512,
     enc = {k: v.to(device) for k, v in enc.items()}
     prompt_len = enc["input_ids"].shape[1]
     sample = temperature > 0
+    # Every decoding knob is set explicitly: transformers fills unset ones from the model's generation_config
+    # (Qwen3's top_k=20, Qwen2.5's repetition_penalty=1.05), which would silently change what is measured.
+    # (Greedy ignores temperature/top_p/top_k; they are set to the library defaults so no warning is printed.)
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-        top_p=top_p if sample and top_p < 1.0 else None, top_k=top_k if sample and top_k > 0 else None,
-        eos_token_id=eos_ids, pad_token_id=pad_id, num_beams=1)
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
+        top_p=top_p if sample else 1.0, top_k=top_k if sample else 50, repetition_penalty=1.0, min_new_tokens=0,
+        no_repeat_ngram_size=0, eos_token_id=eos_ids, pad_token_id=pad_id, num_beams=1, use_cache=True)
     criteria = StoppingCriteriaList([_stop_criteria(tokenizer, list(stop), prompt_len)]) if stop else None
     if seed is not None:
         torch.manual_seed(seed)

@@ -78,5 +78,7 @@ def extract(completion: str, style: PromptStyle, *, markers: ReasoningMarkers | 
 
     markers = markers or ReasoningMarkers()
     tags = ((markers.solution_start, markers.solution_end),)
+    if style.answer_style == "auto":
+        tags += (("<answer>", "</answer>"),)
     return extract_answer(completion, style=style.answer_style, tags=tags, prompt_suffix=prompt[-200:],
                           last_number=last_number)
