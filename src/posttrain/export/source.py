@@ -59,6 +59,15 @@ def _read_run_config(run_dir: Path) -> tuple[ModelConfig, LoraConfig | None]:
     return model, lora
 
 
+def _alias_of(name: str) -> str:
+    """An adapter trained on a built-in alias records the alias's cache path; map it back to the alias so the
+    adapter still finds its base on another machine (or after the cache moved)."""
+    from posttrain.models import ALIASES
+
+    p = Path(name)
+    return p.name if p.name in ALIASES and p.parent.name == "models" else name
+
+
 def _adapter_source(adapter_dir: Path, base: str | None) -> Source:
     cfg_path = adapter_dir / "adapter_config.json"
     try:
@@ -76,7 +85,7 @@ def _adapter_source(adapter_dir: Path, base: str | None) -> Source:
         name = acfg.get("base_model_name_or_path")
         if not name:
             raise UserError(f"{cfg_path} does not name its base model (base_model_name_or_path); pass --base MODEL")
-        model, base_from = ModelConfig(name=name), f"{cfg_path} (base_model_name_or_path)"
+        model, base_from = ModelConfig(name=_alias_of(name)), f"{cfg_path} (base_model_name_or_path)"
     tok_dir = str(adapter_dir) if _has_tokenizer(adapter_dir) else None
     return Source(model=model, adapter_dir=adapter_dir, tokenizer_dir=tok_dir, lora=lora, base_from=base_from)
 

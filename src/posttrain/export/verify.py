@@ -96,7 +96,8 @@ def verify_merged(out_dir: Path, ref_logits, ids, dtype: str, from_4bit: bool, d
 def verify_adapter(out_dir: Path, src, ref_logits, ids, device: str = "auto") -> dict:
     from posttrain.export import source as source_mod
 
-    exported = source_mod.Source(model=src.model, adapter_dir=out_dir, tokenizer_dir=str(out_dir), lora=src.lora,
+    tok_dir = str(out_dir) if (out_dir / "tokenizer_config.json").is_file() else src.tokenizer_dir
+    exported = source_mod.Source(model=src.model, adapter_dir=out_dir, tokenizer_dir=tok_dir, lora=src.lora,
                                  base_from=src.base_from)
     model, _ = source_mod.load(exported, device=device, verbose=False)
     result = compare(ref_logits, logits(model, ids))
