@@ -174,3 +174,37 @@ def test_cli_compares_models_in_one_table(tiny_dir, tmp_path, capsys):
     rc = main(["eval", "--model", str(tiny_dir), "--benchmark", str(bad), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert rc == 2 and "missing field 'answer'" in err and str(bad) in err
+
+
+def test_adapter_is_merged_and_its_tokenizer_used(tiny, tiny_dir, tmp_path):
+    import torch
+
+    from posttrain.commands.eval_cmd import _pairs, load_for_eval
+    from posttrain.config import LoraConfig, ModelConfig
+    from posttrain.models import load_model
+
+    model, tok = load_model(ModelConfig(name=str(tiny_dir)), LoraConfig(r=4, target_modules=["q_proj"]),
+                            verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)                                    # a trained-looking adapter
+    run = tmp_path / "run"
+    model.save_pretrained(run / "adapter")
+    tok.chat_template = "{{ 'ADAPTER TEMPLATE' }}"
+    tok.save_pretrained(run / "adapter")
+
+    base, _ = tiny
+    merged, mtok = load_for_eval(str(tiny_dir), str(run))          # a run directory holding adapter/
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(base.state_dict()[q], merged.state_dict()[q])
+    assert "lora" not in " ".join(merged.state_dict())             # merged, plain weights
+    assert mtok.chat_template == "{{ 'ADAPTER TEMPLATE' }}"
+    with pytest.raises(UserError, match="adapter_config.json"):
+        load_for_eval(str(tiny_dir), str(tmp_path))
+
+    args = type("A", (), {"model": ["m"], "adapter": ["a1", "none"]})()
+    assert _pairs(args) == [("m", "a1"), ("m", None)]
+    args.model = ["m1", "m2", "m3"]
+    with pytest.raises(UserError, match="one adapter per model"):
+        _pairs(args)
