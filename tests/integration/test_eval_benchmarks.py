@@ -81,3 +81,29 @@ def test_synthetic_benchmark_is_the_test_split():
     b = load_benchmark("synthetic", limit=6, difficulty="medium")
     assert [p.id for p in b.problems] == [p["id"] for p in problems("test", n=6, difficulty="medium")]
     assert b.problems[0].meta["difficulty"] == 2
+
+
+def test_hub_ids_and_dapo_heldout_filter(monkeypatch):
+    """The hub path (no hub here): the right dataset ids, configs and splits are asked for, DAPO keeps only its
+    held-out problems, and a hub failure says how to work offline."""
+    import datasets
+
+    asked = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        asked.append((path, name, split))
+        if path == "open-r1/DAPO-Math-17k-Processed":
+            return [{"prompt": f"Find x number {i}.", "solution": str(i)} for i in range(2000)]
+        if path == "openai/gsm8k":
+            return [{"question": "1+1?", "answer": "1+1=2\n#### 2"}]
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_benchmark("gsm8k").problems[0].answer == "2"
+    dapo = load_benchmark("dapo")
+    assert 0 < len(dapo) < 2000 * 2 * DAPO_HELDOUT_FRACTION
+    assert all(is_dapo_heldout(p.problem) for p in dapo.problems)
+    with pytest.raises(UserError, match="--data-file"):
+        load_benchmark("math500")
+    assert asked == [("openai/gsm8k", "main", "test"), ("open-r1/DAPO-Math-17k-Processed", "en", "train"),
+                     ("HuggingFaceH4/MATH-500", None, "test")]

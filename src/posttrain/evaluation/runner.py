@@ -234,7 +234,8 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalSettings | No
         "tokens_per_s": round(new_tokens / elapsed, 1) if elapsed > 0 else None,
     }
     if out is not None:
-        others = [r for pid, rs in done.items() if pid not in set(ids) for r in rs]  # kept from a larger run
+        current = set(ids)
+        others = [r for pid, rs in done.items() if pid not in current for r in rs]  # kept from a larger run
         _write_rows(out / SAMPLES, rows + others)
         write_json(out / METRICS, metrics)
     return metrics
