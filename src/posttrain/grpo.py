@@ -255,6 +255,7 @@ class CheckedReward:
         if bad:
             self.problems.append(f"reward {self.__name__!r} returned {bad[0]} (non-finite); return a finite float, "
                                  "or None to skip a completion")
+            return [v if not (isinstance(v, (int, float)) and not math.isfinite(v)) else None for v in seq]
         return values
 
 
