@@ -163,6 +163,10 @@ def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, 
         notes.append("DoRA adapters are not supported by vLLM's LoRA loader; export --format merged for vLLM")
     if cfg.get("modules_to_save"):
         notes.append(f"modules_to_save={cfg['modules_to_save']}: vLLM loads only LoRA weights; use --format merged")
+    if cfg.get("bias", "none") != "none":
+        notes.append(f"bias={cfg['bias']!r}: vLLM needs --enable-lora-bias for adapters with trained biases")
+    if int(cfg.get("r") or 0) > 16:
+        notes.append(f"rank {cfg['r']} > 16: start vLLM with --max-lora-rank {cfg['r']} (its default is 16)")
     report["vllm_notes"] = notes
     for n in notes:
         _log("note: " + n, verbose)
