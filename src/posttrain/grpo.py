@@ -171,6 +171,11 @@ def load_policy(cfg: GRPORecipe, verbose: bool = True):
         raise UserError(f"init_adapter={path}: no adapter_config.json there; give the adapter/ directory of an "
                         "SFT run (e.g. runs/sft/adapter)")
     if cfg.init_adapter_mode == "continue":
+        saved = json.loads((path / "adapter_config.json").read_text())
+        if cfg.lora is not None and (saved.get("r"), float(saved.get("lora_alpha", 0))) != (cfg.lora.r, cfg.lora.alpha):
+            raise UserError(f"init_adapter={path} has r={saved.get('r')}, alpha={saved.get('lora_alpha')} but the lora: "
+                            f"section says r={cfg.lora.r}, alpha={cfg.lora.alpha}; continuing an adapter keeps its "
+                            "shape: make them match, set lora=null, or use init_adapter_mode=merge for a new adapter")
         model, tok = load_model(cfg.model, None, verbose=verbose)
         return PeftModel.from_pretrained(model, str(path), is_trainable=True), tok
     if cfg.lora is None:
@@ -184,40 +189,87 @@ def load_policy(cfg: GRPORecipe, verbose: bool = True):
 
 class PolicyLogps(torch.nn.Module):
     """The forward that training differentiates: token log-probabilities (and entropies) of the completion
-    tokens only, the head applied in chunks. Wrapped whole by DDP so it sees every parameter use."""
+    tokens only, the head applied in chunks. Wrapped whole by DDP so it sees every parameter use.
+
+    With a shared-prompt batch (``pack_micro_batch(share_prompts=True)``) each distinct prompt of the micro-batch
+    goes through the model once; its KV cache (with its autograd graph) is indexed out to the completions of its
+    group, which are then run on top of it. The G completions of a group thus cost one prompt forward and
+    backward instead of G; gradients still reach the prompt positions (LoRA acts there too)."""
 
     def __init__(self, model, temperature: float, chunk_size: int):
         super().__init__()
         self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
 
-    def forward(self, input_ids, attention_mask, rows, cols, targets, entropy_grad: bool = False):
+    def forward(self, batch: dict, entropy_grad: bool = False):
         decoder, head = decoder_and_head(self.model)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return selective_log_softmax(hidden[rows, cols], head.weight, targets, bias=getattr(head, "bias", None),
+        if "p_ids" in batch:
+            from transformers import DynamicCache
+
+            out = decoder(input_ids=batch["p_ids"], attention_mask=batch["p_attn"], position_ids=batch["p_pos"],
+                          past_key_values=DynamicCache(config=self.model.config), use_cache=True)
+            cache = out.past_key_values
+            cache.batch_select_indices(batch["row_u"])
+            last = out.last_hidden_state[:, -1][batch["row_u"]]  # predicts each completion's first token
+            comp = decoder(input_ids=batch["c_ids"], attention_mask=batch["attn"], position_ids=batch["c_pos"],
+                           past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = torch.cat([last.unsqueeze(1), comp], dim=1)[batch["rows"], batch["cols"]]
+        else:
+            hidden = decoder(input_ids=batch["ids"], attention_mask=batch["attn"],
+                             use_cache=False).last_hidden_state[batch["rows"], batch["cols"]]
+        return selective_log_softmax(hidden, head.weight, batch["targets"], bias=getattr(head, "bias", None),
                                      temperature=self.temperature or 1.0, chunk_size=self.chunk_size,
                                      entropy=True, entropy_grad=entropy_grad)
 
 
-def pack_micro_batch(items: list[dict], pad_id: int, device) -> dict:
-    """Rows ``prompt + completion`` right-padded; the positions that predict completion tokens."""
-    width = max(len(it["prompt"]) + it["length"] for it in items)
+def pack_micro_batch(items: list[dict], pad_id: int, device, share_prompts: bool = False) -> dict:
+    """Tensors for one micro-batch. Plain: rows ``prompt + completion`` right-padded, and the positions that
+    predict completion tokens. Shared prompts: the distinct prompts left-padded, the completions right-padded
+    after them, and for each completion token the (row, column) of the hidden state that predicts it in
+    ``[last prompt state, completion states]``."""
     T = max(it["length"] for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(items), width), dtype=torch.long)
     rows, cols, targets = [], [], []
-    for b, it in enumerate(items):
-        p, c = it["prompt"], it["completion"][:it["length"]]
-        ids[b, :len(p) + len(c)] = torch.tensor(p + c)
-        attn[b, :len(p) + len(c)] = 1
-        rows += [b] * len(c)
-        cols += range(len(p) - 1, len(p) - 1 + len(c))
-        targets += c
+    out = {}
+    if share_prompts:
+        uniq: dict[tuple, int] = {}
+        row_u = [uniq.setdefault(tuple(it["prompt"]), len(uniq)) for it in items]
+        prompts = list(uniq)
+        Lp = max(len(p) for p in prompts)
+        p_ids = torch.full((len(prompts), Lp), pad_id, dtype=torch.long)
+        p_attn = torch.zeros((len(prompts), Lp), dtype=torch.long)
+        for u, p in enumerate(prompts):
+            p_ids[u, Lp - len(p):] = torch.tensor(p)
+            p_attn[u, Lp - len(p):] = 1
+        c_ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+        c_attn = torch.zeros((len(items), T), dtype=torch.long)
+        for b, it in enumerate(items):
+            c = it["completion"][:it["length"]]
+            c_ids[b, :len(c)] = torch.tensor(c)
+            c_attn[b, :len(c)] = 1
+            rows += [b] * len(c)
+            cols += range(len(c))
+            targets += c
+        p_len = p_attn.sum(-1)
+        out.update(p_ids=p_ids, p_attn=p_attn, p_pos=(p_attn.cumsum(-1) - 1).clamp(min=0), c_ids=c_ids,
+                   attn=torch.cat([p_attn[row_u], c_attn], dim=1), row_u=torch.tensor(row_u),
+                   c_pos=p_len[row_u].unsqueeze(1) + torch.arange(T).unsqueeze(0))
+    else:
+        width = max(len(it["prompt"]) + it["length"] for it in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(items), width), dtype=torch.long)
+        for b, it in enumerate(items):
+            p, c = it["prompt"], it["completion"][:it["length"]]
+            ids[b, :len(p) + len(c)] = torch.tensor(p + c)
+            attn[b, :len(p) + len(c)] = 1
+            rows += [b] * len(c)
+            cols += range(len(p) - 1, len(p) - 1 + len(c))
+            targets += c
+        out.update(ids=ids, attn=attn)
     mask = torch.zeros((len(items), T))
     for b, it in enumerate(items):
         mask[b, :it["length"]] = it["mask"]
-    return {"ids": ids.to(device), "attn": attn.to(device), "rows": torch.tensor(rows, device=device),
-            "cols": torch.tensor(cols, device=device), "targets": torch.tensor(targets, device=device),
-            "mask": mask.to(device), "adv": torch.tensor([it["advantage"] for it in items], device=device)}
+    out.update(rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets), mask=mask,
+               adv=torch.tensor([it["advantage"] for it in items]))
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def unpad(flat: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -324,10 +376,11 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     stop_ids = engine.default_stop_ids()
     sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p,
                               max_new_tokens=max_completion, stop_token_ids=stop_ids,
-                              stop_strings=tuple(g.stop_strings), seed=t.seed)
+                              stop_strings=tuple(g.stop_strings), ignore_eos=g.ignore_eos, seed=t.seed)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and
                 next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
     pad_id = engine.pad_id
+    share_prompts = g.share_prompt and not cfg.model.gradient_checkpointing  # checkpointing drops the KV cache
 
     start_step, cursor, total_tokens = 0, 0, 0
     if resume:
@@ -398,18 +451,18 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
                           f"(frac_reward_zero_std={frac_zero:.2f}); {what}. Try grpo.dynamic_sampling=true, a larger "
                           "grpo.num_generations, an easier dataset, or a reward with partial credit.", stacklevel=1)
 
-        # ---- completions into micro-batches (by length: less padding)
-        items = []
-        for grp in groups:
-            items += grp["items"]
+        # ---- completions into micro-batches: groups kept together (they share a prompt forward), longest first
+        items = [it for grp in groups for it in grp["items"]]
         for it, a in zip(items, adv.tolist()):
             it["advantage"] = a
-        items.sort(key=lambda it: -(len(it["prompt"]) + it["length"]))
+        by_group = sorted((sorted(grp["items"], key=lambda it: -it["length"]) for grp in groups),
+                          key=lambda its: -(len(its[0]["prompt"]) + its[0]["length"]))
+        items = [it for its in by_group for it in its]
         dummy = not items
         if dummy:  # nothing left on this process: one zero-weight micro-batch keeps DDP in step
             items = first_groups[0]["items"][:1]
             items[0]["advantage"] = 0.0
-        batches = [pack_micro_batch(items[i:i + t.batch_size], pad_id, device)
+        batches = [pack_micro_batch(items[i:i + t.batch_size], pad_id, device, share_prompts)
                    for i in range(0, len(items), t.batch_size)]
         counts = torch.tensor([sum(float(b["mask"].sum()) for b in batches)], dtype=torch.float64, device=device)
         if world > 1:
@@ -430,8 +483,7 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
             for j, b in enumerate(batches):
                 sync = j == len(batches) - 1
                 with (nullcontext() if sync or world == 1 else accelerator.no_sync(policy)), autocast:
-                    flat_lp, flat_ent = policy(b["ids"], b["attn"], b["rows"], b["cols"], b["targets"],
-                                               entropy_grad=g.entropy_coef > 0)
+                    flat_lp, flat_ent = policy(b, entropy_grad=g.entropy_coef > 0)
                     logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
                     if old[j] is None:
                         old[j] = logps.detach()
@@ -552,10 +604,10 @@ def reference_logps(model, ref_model, policy, b: dict) -> torch.Tensor:
     module = getattr(policy, "module", policy)
     if ref_model is not None:
         ref_policy = PolicyLogps(ref_model, module.temperature, module.chunk_size)
-        lp, _ = ref_policy(b["ids"], b["attn"], b["rows"], b["cols"], b["targets"])
+        lp, _ = ref_policy(b)
     else:
         with model.disable_adapter():
-            lp, _ = module(b["ids"], b["attn"], b["rows"], b["cols"], b["targets"])
+            lp, _ = module(b)
     return unpad(lp, b)
 
 

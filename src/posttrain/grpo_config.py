@@ -23,6 +23,7 @@ class GRPOConfig(Section):
     top_k: int = Field(0, description="0 or -1: off")
     min_p: float = Field(0.0, ge=0.0, lt=1.0)
     stop_strings: list[str] = Field(default_factory=list)
+    ignore_eos: bool = Field(False, description="never stop before max_completion_length (benchmarks)")
     max_prompt_length: int | Literal["auto"] = Field(
         "auto", description="prompts longer are dropped and counted; auto = the prompt_length_quantile of lengths")
     prompt_length_quantile: float = Field(0.9, gt=0.0, le=1.0)
@@ -41,10 +42,12 @@ class GRPOConfig(Section):
     dynamic_sampling_rounds: int = Field(
         0, ge=0, description="with dynamic_sampling: extra rounds of prompts drawn to refill the dropped groups")
     reward_weights: list[float] | None = None
+    share_prompt: bool = Field(True, description="in training, a group's completions share one prompt forward "
+                                                 "(not with model.gradient_checkpointing)")
     # rollout engine
     rollout_backend: Literal["hf"] = "hf"
     rollout_max_rows: int | None = Field(None, ge=1, description="completions decoded together; default all")
-    merge_lora: Literal["auto", "inplace", "swap", "none"] = "auto"
+    merge_lora: Literal["auto", "inplace", "backup", "none"] = "auto"
     # what users watch
     log_completions_every: int = Field(10, ge=0, description="every N steps print and save sample completions")
     num_completions_to_print: int = Field(4, ge=0)

@@ -29,8 +29,9 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         logits = logits / temperature
     logz = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    if with_entropy:  # H = logZ - sum_v p_v * logit_v
-        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    if with_entropy:  # H = logZ - sum_v p_v * logit_v  (a batched dot product: no second (N, V) product)
+        probs = torch.softmax(logits, dim=-1)
+        entropy = logz - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
     else:
         entropy = logps.new_zeros(())
     return logps, entropy

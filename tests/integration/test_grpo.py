@@ -226,3 +226,42 @@ def test_zero_variance_batches_warn_with_the_fraction(tiny_qwen3, tmp_path):
                                          r"the policy loss and its gradient are zero"):
         train(recipe(tiny_qwen3, tmp_path / "run", "train.max_steps=1"), reward_funcs=[constant])
     assert metrics(tmp_path / "run")[0]["frac_reward_zero_std"] == 1.0
+
+
+def test_shared_prompt_forward_equals_one_row_per_completion(tiny_qwen3):
+    """A group's completions on top of one prompt forward (its KV cache indexed out) give the same log-probs
+    and the same gradients as a plain forward of every prompt + completion row."""
+    from posttrain.config import LoraConfig, ModelConfig
+    from posttrain.grpo import PolicyLogps, pack_micro_batch, unpad
+    from posttrain.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(name=str(tiny_qwen3)), LoraConfig(r=4, alpha=8), verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 5000, (n,), generator=g).tolist() for n in (7, 4, 9)]
+    items = []
+    for p in prompts:
+        for length in (5, 1, 3):
+            c = torch.randint(0, 5000, (6,), generator=g).tolist()
+            items.append({"prompt": p, "completion": c, "length": length, "mask": torch.ones(length),
+                          "advantage": 1.0})
+    policy = PolicyLogps(model, temperature=0.7, chunk_size=5)
+    results = []
+    for share in (False, True):
+        b = pack_micro_batch(items, tok.pad_token_id, "cpu", share_prompts=share)
+        lp, ent = policy(b)
+        logps = unpad(lp, b)
+        (logps * torch.arange(1, 7)[:6].float()[:logps.shape[1]]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        results.append((logps.detach(), unpad(ent, b), grads))
+    (lp0, ent0, g0), (lp1, ent1, g1) = results
+    torch.testing.assert_close(lp1, lp0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ent1, ent0, rtol=1e-4, atol=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-6)

@@ -125,7 +125,7 @@ def test_stop_strings_cut_the_text(policy):
     assert not ro.texts[0].endswith(piece)
 
 
-@pytest.mark.parametrize("mode", ["inplace", "swap"])
+@pytest.mark.parametrize("mode", ["inplace", "backup"])
 def test_merged_lora_is_the_adapter_and_restores_the_base(policy, mode):
     model, tok = policy
     ids = torch.tensor([_prompts(tok)[0]])
@@ -142,7 +142,7 @@ def test_merged_lora_is_the_adapter_and_restores_the_base(policy, mode):
     torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(base, want, atol=1e-4)
     for n, p in before.items():
-        if mode == "swap":
+        if mode == "backup":
             assert torch.equal(after[n], p), n
         else:
             torch.testing.assert_close(after[n], p, rtol=0, atol=1e-6)

@@ -8,8 +8,8 @@ What makes it cheaper than ``model.generate`` on the same model:
 2. **Merged LoRA while generating.** The adapter is folded into the base weights for the rollout and taken
    out afterwards (:func:`merged_lora`), so a decode step costs what the base model costs: no extra LoRA
    matmuls and no PEFT dispatch per layer. fp32 weights are merged in place (``W += BA``, then ``W -= BA``: the
-   round trip moves a weight by at most an ulp); 16-bit weights are swapped for a merged copy and restored
-   exactly; 4-bit weights are left unmerged (folding into NF4 would re-quantize them).
+   round trip moves a weight by at most an ulp); 16-bit weights are backed up to host memory, merged in
+   place and restored exactly; 4-bit weights are left unmerged (folding into NF4 would re-quantize them).
 3. **Finished rows leave the batch.** When a completion stops, its row is removed from the input, the
    attention mask and every layer's KV cache, so the remaining decode steps cost only what is still running.
 4. **Per-completion random streams.** Each completion samples from its own generator keyed by
@@ -44,8 +44,10 @@ def _lora_layers(model):
 def merged_lora(model, mode: str = "auto"):
     """Run the body with the active LoRA adapter folded into the base weights, then restore them.
 
-    ``mode``: ``auto`` (in place for fp32 weights, swap for 16-bit, none for 4-bit or DoRA-free fallbacks),
-    ``inplace`` (peft ``merge_adapter``/``unmerge_adapter``), ``swap`` (merged copies, exact restore), ``none``.
+    ``mode``: ``auto`` (``inplace`` for fp32 weights or DoRA, ``backup`` for 16-bit; 4-bit bases stay unmerged),
+    ``inplace`` (peft ``merge_adapter``/``unmerge_adapter``: the round trip moves a weight by at most an ulp,
+    harmless in fp32 but 0.4% in bf16), ``backup`` (originals kept in host memory and written back: exact),
+    ``none``.
     """
     layers = _lora_layers(model)
     if mode == "none" or not layers or not hasattr(model, "merge_adapter"):
@@ -58,7 +60,7 @@ def merged_lora(model, mode: str = "auto"):
         return
     if mode == "auto":
         uses_dora = any(any(m.use_dora.values()) for m in layers if hasattr(m, "use_dora"))
-        mode = "inplace" if uses_dora or all(w.dtype == torch.float32 for w in base_weights) else "swap"
+        mode = "inplace" if uses_dora or all(w.dtype == torch.float32 for w in base_weights) else "backup"
     if mode == "inplace":
         model.merge_adapter()
         try:
@@ -66,19 +68,21 @@ def merged_lora(model, mode: str = "auto"):
         finally:
             model.unmerge_adapter()
         return
-    # swap: W' = W + delta in a new tensor, the adapter path disabled, W put back untouched afterwards
+    # backup: the base weights copied to host memory, the delta added in place, the copies written back
+    # afterwards (exact; on a GPU it costs host RAM and two transfers, not a second copy in GPU memory)
     saved = []
     with torch.no_grad():
         for m, w in zip(layers, base_weights):
             delta = sum(m.get_delta_weight(name) for name in m.active_adapters if name in m.lora_A)
-            saved.append(w.data)
-            w.data = w.data + delta.to(w.dtype)
+            saved.append(w.data.to("cpu", copy=True))
+            w.data.add_(delta.to(w.dtype))
     try:
         with model.disable_adapter():
             yield
     finally:
-        for w, orig in zip(base_weights, saved):
-            w.data = orig
+        with torch.no_grad():
+            for w, orig in zip(base_weights, saved):
+                w.data.copy_(orig.to(w.device))
 
 
 # --------------------------------------------------------------------------------------------------
