@@ -107,6 +107,7 @@ def test_unclosed_answer_is_a_format_failure_not_a_crash():
         ("boxed", "so the answer is \\boxed{42", "length"),                           # truncated box
         ("boxed", "so the answer is \\boxed{42}.", "eos"),
         ("chat", "I think it is 42", "eos"),                                        # no marked answer
+        ("boxed", "so the answer is \\boxed{41}.", "eos"),                          # well formed, wrong
     ]
     with VerifierPool(workers=1) as pool:
         rows = []
@@ -115,11 +116,12 @@ def test_unclosed_answer_is_a_format_failure_not_a_crash():
             row = _score(pool, get_style(style), s, [(p, 0, "prompt", Completion(text, 10, finish))])[0]
             row["id"] = f"case{i}"
             rows.append(row)
-    assert [r["format_ok"] for r in rows] == [False, True, False, True, False]
-    assert [r["verdict"] for r in rows] == [False, True, False, True, False]
+    assert [r["format_ok"] for r in rows] == [False, True, False, True, False, True]
+    assert [r["verdict"] for r in rows] == [False, True, False, True, False, False]
     assert rows[0]["reason"] == "truncated" and rows[4]["reason"] == "no_answer"
+    assert rows[5]["reason"] not in ("truncated", "no_answer") and rows[5]["normalized"] == "41"  # a wrong answer votes
     m = summarize(rows)
-    assert m["format_rate"] == pytest.approx(2 / 5) and m["truncation_rate"] == pytest.approx(2 / 5)
+    assert m["format_rate"] == pytest.approx(3 / 6) and m["truncation_rate"] == pytest.approx(2 / 6)
     with VerifierPool(workers=1) as pool:     # --last-number scores it but it stays a format failure
         row = _score(pool, get_style("chat"), EvalSettings(prompt_style="chat", last_number=True),
                      [(p, 0, "prompt", Completion("I think it is 42", 10, "eos"))])[0]

@@ -145,8 +145,9 @@ def _score(pool, style, settings: EvalSettings, items: list[tuple[Problem, int, 
         v = verdicts.get(i)
         rows.append({
             "id": p.id, "sample": sample, "prompt": prompt, "completion": c.text,
-            "extracted": scored[i], "normalized": v.pred_normalized if v else None, "gold": p.answer,
-            "verdict": bool(v and v.equal), "reason": v.reason if v else
+            # (a Verdict is falsy when not equal: test it against None, not for truth)
+            "extracted": scored[i], "normalized": v.pred_normalized if v is not None else None, "gold": p.answer,
+            "verdict": v is not None and v.equal, "reason": v.reason if v is not None else
             ("truncated" if c.finish == "length" else "no_answer"),
             "format_ok": extracted[i] is not None, "truncated": c.finish == "length", "finish": c.finish,
             "completion_tokens": c.n_tokens, **p.meta,
