@@ -2,8 +2,9 @@
 
 Nothing here builds full-vocabulary float32 logits for a whole batch: the language-model head is applied
 to chunks of positions (and only to the positions that carry a target), each chunk's logits are made in
-float32, reduced, and recomputed during the backward pass (activation checkpointing per chunk), so peak
-memory is one chunk of logits instead of ``batch x length x vocab``.
+float32, reduced, and recomputed during the backward pass (activation checkpointing per chunk; the last
+chunk is kept instead of recomputed), so peak memory is one chunk of logits instead of
+``batch x length x vocab``.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, la
     weight = lm_head.weight
     bias = getattr(lm_head, "bias", None)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
+    n = hidden.shape[0]
+    for start in range(0, n, chunk_size):
         h = hidden[start:start + chunk_size]
         t = labels[start:start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        last = start + chunk_size >= n  # its logits may stay alive: peak memory is one chunk either way
+        if not last and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             total = total + checkpoint(_chunk_ce_sum, h, weight, bias, t, use_reentrant=False)
         else:
             total = total + _chunk_ce_sum(h, weight, bias, t)

