@@ -3,7 +3,9 @@
 Setting (both systems): SmolLM2-135M-Instruct in fp32, LoRA r 16 / alpha 32 / dropout 0 on the seven linear
 projections, 4 prompts x 4 generations, exactly 64 new tokens per completion (EOS cannot end a completion
 early), temperature 1.0, beta 0 (no reference forward), one iteration, loss_type dapo, AdamW (torch), the same
-two reward functions, the same synthetic prompts rendered with SmolLM2's chat template.
+two reward functions, the same synthetic prompts rendered with SmolLM2's chat template. posttrain trains the
+16 completions in micro-batches of one group (4) with gradient accumulation, a pure memory/speed choice: the
+``dapo`` loss normalizes by the step's token count, so the update is the same as one batch of 16.
 
 TRL runs twice: with its defaults (gradient checkpointing on, bf16 autocast on, as GRPOConfig sets them) and
 tuned for this CPU (gradient checkpointing off, fp32). Each system runs in its own subprocess, so peak RSS is
@@ -85,7 +87,8 @@ def run_posttrain(steps: int, out: Path) -> dict:
     cfg = load_recipe(None, [
         f"model.name={model_dir()}", "data.path=unused", "data.columns={problem: problem, solution: null, answer: answer}",
         "data.template=tokenizer", "data.max_length=512", f"output_dir={out}", "lora.r=16", "lora.alpha=32",
-        f"lora.target_modules=[{','.join(SEVEN)}]", f"train.batch_size={N_PROMPTS * G}", "train.grad_accum=1",
+        f"lora.target_modules=[{','.join(SEVEN)}]", f"train.batch_size={G}", f"train.grad_accum={N_PROMPTS}",
+        "train.loss_chunk_size=256",
         f"train.max_steps={steps + 1}", "train.lr=1e-5", "train.warmup_steps=0", "train.scheduler=constant",
         f"grpo.num_generations={G}", f"grpo.max_completion_length={NEW_TOKENS}", "grpo.ignore_eos=true",
         "grpo.beta=0", "grpo.num_iterations=1", "grpo.loss_type=dapo", "grpo.temperature=1.0",

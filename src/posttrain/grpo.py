@@ -44,118 +44,22 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from posttrain.checkpoint import collect_rank_rng, load_checkpoint, save_checkpoint
 from posttrain.config import save_recipe
-from posttrain.data.formats import is_numeric_answer
-from posttrain.data.loading import load_rows
-from posttrain.data.templates import install_template
 from posttrain.errors import UserError
 from posttrain.grpo_config import GRPORecipe, check_group_batch
-from posttrain.grpo_losses import (aggregate_loss, clip_fractions, group_advantages, mask_truncated, masked_mean,
-                                   per_token_grpo_loss, selective_log_softmax, zero_std_groups)
+from posttrain.grpo_data import (PromptStream, build_rewards, collect_groups, log_completions, prepare_prompts,
+                                 reward_metrics)
+from posttrain.grpo_losses import (aggregate_loss, clip_fractions, group_advantages, masked_mean, per_token_grpo_loss,
+                                   selective_log_softmax, zero_std_groups)
 from posttrain.models import decoder_and_head, load_model, resolve_device
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
 from posttrain.sft import GracefulStop, peak_memory_mb, save_final
 from posttrain.tracking import MetricsLogger
-
-PROMPT_COLUMNS = ("prompt", "problem", "question")
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def prepare_prompts(cfg: GRPORecipe, tok, rows: list[dict] | None = None) -> tuple[list[dict], dict]:
-    """Rows -> prompts rendered with the chat template and tokenized; the seeds' length rule applied.
-
-    Each prompt is ``{"ids", "messages", "columns"}``; ``columns`` are every other column of the row (they all
-    reach the rewards), plus ``answer`` from ``data.columns.answer`` when that is set. ``max_prompt_length:
-    auto`` keeps prompts up to the ``prompt_length_quantile`` (0.9) of the prompt lengths; longer ones are
-    dropped and counted. Completions get the rest of ``data.max_length`` unless ``max_completion_length``.
-    """
-    d, g = cfg.data, cfg.grpo
-    rows = load_rows(d) if rows is None else rows
-    stats = {"rows": len(rows)}
-    cols = d.columns
-    prompt_col = cols.problem if cols else next((c for c in PROMPT_COLUMNS if c in rows[0]), None)
-    answer_col = cols.answer if cols else None
-    if prompt_col is None or prompt_col not in rows[0]:
-        raise UserError(f"data: no prompt column {prompt_col or '/'.join(PROMPT_COLUMNS)!r} in {d.path} "
-                        f"(columns: {sorted(rows[0])}); set data.columns.problem")
-    if answer_col is not None and answer_col not in rows[0]:
-        raise UserError(f"data.columns.answer={answer_col!r} is not a column of {d.path} (columns: {sorted(rows[0])})")
-    if d.numeric_answer_only:
-        if answer_col is None:
-            raise UserError("data.numeric_answer_only needs data.columns.answer (the gold answer column)")
-        rows = [r for r in rows if is_numeric_answer(r.get(answer_col))]
-        stats["dropped_non_numeric"] = stats["rows"] - len(rows)
-    if d.sample is not None and d.sample < len(rows):
-        rows = random.Random(d.seed).sample(rows, d.sample)
-    install_template(tok, d.template, d.markers, d.system_prompt if d.template == "reasoning" else None)
-    system = d.system_prompt if d.template != "reasoning" else None
-    prompts = []
-    for i, row in enumerate(rows):
-        value = row[prompt_col]
-        if isinstance(value, list):  # TRL's conversational prompt: a list of messages
-            messages = [dict(m) for m in value]
-        elif isinstance(value, str) and value.strip():
-            messages = [{"role": "user", "content": value}]
-        else:
-            raise UserError(f"{d.path} row {i}: prompt column {prompt_col!r} is empty or not text/messages")
-        if system and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": system}] + messages
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        columns = {k: v for k, v in row.items() if k != prompt_col}
-        if answer_col is not None:
-            columns["answer"] = row[answer_col]
-        prompts.append({"ids": tok(text, add_special_tokens=False)["input_ids"], "messages": messages,
-                        "columns": columns, "row": i})
-    lengths = [len(p["ids"]) for p in prompts]
-    if g.max_prompt_length == "auto":
-        limit = int(np.quantile(lengths, g.prompt_length_quantile))
-    else:
-        limit = g.max_prompt_length
-    kept = [p for p in prompts if len(p["ids"]) <= limit]
-    stats.update(dropped_too_long=len(prompts) - len(kept), prompts=len(kept), max_prompt_length=limit)
-    max_prompt = max((len(p["ids"]) for p in kept), default=0)
-    completion = g.max_completion_length or d.max_length - max_prompt
-    if completion < 1:
-        raise UserError(f"data.max_length={d.max_length} leaves no room for completions after prompts of up to "
-                        f"{max_prompt} tokens: raise data.max_length or lower grpo.max_prompt_length")
-    stats["max_completion_length"] = completion
-    if not kept:
-        raise UserError(f"data: every prompt is longer than max_prompt_length={limit}")
-    return kept, stats
-
-
-class PromptStream:
-    """A global, seeded, epoch-shuffled order of prompts with a cursor. Every process draws the same global
-    slice and takes its own part, so processes stay in step and a resumed run continues the same order."""
-
-    def __init__(self, n: int, seed: int, cursor: int = 0):
-        self.n, self.seed, self.cursor = n, seed, cursor
-        self._orders: dict[int, list[int]] = {}
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            order = list(range(self.n))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._orders = {epoch: order}
-        return self._orders[epoch]
-
-    def draw(self, count: int) -> list[tuple[int, int]]:
-        """-> [(prompt index, draw number)] for the next ``count`` prompts (the draw number seeds sampling)."""
-        out = []
-        for _ in range(count):
-            epoch, k = divmod(self.cursor, self.n)
-            out.append((self._order(epoch)[k], self.cursor))
-            self.cursor += 1
-        return out
-
 
 # ---------------------------------------------------------------------------------------------- model pieces
 
@@ -283,60 +187,12 @@ def unpad(flat: torch.Tensor, batch: dict) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- rewards
-
-
-class CheckedReward:
-    """Wraps a reward function: a wrong number of values, NaN or infinity is recorded, and the loop stops
-    with an error naming the function (a quiet NaN would poison every advantage of its group)."""
-
-    def __init__(self, fn, problems: list):
-        self.fn, self.problems = fn, problems
-        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
-
-    def __call__(self, prompts, completions, **columns):
-        values = self.fn(prompts=prompts, completions=completions, **columns)
-        try:
-            seq = list(values)
-        except TypeError:
-            return values
-        if len(seq) != len(completions):
-            self.problems.append(f"reward {self.__name__!r} returned {len(seq)} values for {len(completions)} "
-                                 "completions; it must return one float (or None to skip) per completion")
-        bad = [v for v in seq if v is not None and isinstance(v, (int, float)) and not math.isfinite(v)]
-        if bad:
-            self.problems.append(f"reward {self.__name__!r} returned {bad[0]} (non-finite); return a finite float, "
-                                 "or None to skip a completion")
-            return [v if not (isinstance(v, (int, float)) and not math.isfinite(v)) else None for v in seq]
-        return values
-
-
-def build_rewards(cfg: GRPORecipe, tok, reward_funcs=None):
-    from posttrain.rewards import RewardSet
-    from posttrain.rewards.registry import _as_list, _resolve
-    from posttrain.rewards.functions import Markers, generation_suffix
-
-    suffix = generation_suffix(tok)
-    m = cfg.data.markers
-    shared = {"prompt_suffix": suffix, "pool": None, "markers": Markers(m.reasoning_start, m.reasoning_end,
-                                                                        m.solution_start, m.solution_end)}
-    pairs = ([(f, 1.0) for f in reward_funcs] if reward_funcs is not None else
-             [pair for spec in _as_list(cfg.rewards) for pair in _resolve(spec, shared)])
-    weights = cfg.grpo.reward_weights or [w for _, w in pairs]
-    if len(weights) != len(pairs):
-        names = [getattr(f, "__name__", "?") for f, _ in pairs]
-        raise UserError(f"grpo.reward_weights has {len(weights)} weights for {len(pairs)} reward functions {names}")
-    problems: list[str] = []
-    return RewardSet([CheckedReward(f, problems) for f, _ in pairs], weights), problems
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 
 def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[dict] | None = None) -> Path:
     """Run GRPO as the recipe says; ``reward_funcs`` (callables) and ``rows`` replace the recipe's (tests)."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
     device = resolve_device(cfg.model.device)
     accelerator = Accelerator(cpu=not device.startswith("cuda"))
@@ -347,11 +203,11 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     if not resume and is_main and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another "
                         "output_dir")
-    prompts_per_proc = check_group_batch(cfg)
-    G = g.num_generations
+    per_proc = check_group_batch(cfg)  # prompts per process and step
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
+    # ---- setup: model, prompts, rewards, optimizer, rollout engine
     model, tok = load_policy(cfg, verbose=is_main)
     prompts, pstats = prepare_prompts(cfg, tok, rows)
     rewards, reward_problems = build_rewards(cfg, tok, reward_funcs)
@@ -362,24 +218,18 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
               + f"); completions up to {pstats['max_completion_length']} tokens; rewards: {', '.join(rewards.names)}")
         save_recipe(cfg, run_dir)
     max_completion = pstats["max_completion_length"]
-    steps_per_epoch = max(1, len(prompts) // (prompts_per_proc * world))
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * max(1, len(prompts) // (per_proc * world)))
     is_peft = hasattr(model, "disable_adapter")
     ref_model = None
     if g.beta != 0 and not is_peft:  # full fine-tuning: a frozen copy is the reference
         ref_model, _ = load_model(cfg.model, None, for_training=False, verbose=False)
-
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps * g.num_iterations)
     policy = accelerator.prepare(PolicyLogps(model, g.temperature, t.loss_chunk_size))
     engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows)
-    stop_ids = engine.default_stop_ids()
     sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p,
-                              max_new_tokens=max_completion, stop_token_ids=stop_ids,
+                              max_new_tokens=max_completion, stop_token_ids=engine.default_stop_ids(),
                               stop_strings=tuple(g.stop_strings), ignore_eos=g.ignore_eos, seed=t.seed)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and
-                next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
-    pad_id = engine.pad_id
     share_prompts = g.share_prompt and not cfg.model.gradient_checkpointing  # checkpointing drops the KV cache
 
     start_step, cursor, total_tokens = 0, 0, 0
@@ -394,151 +244,60 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     logger = MetricsLogger(run_dir, t.report_to, total_steps, resume_step=start_step, enabled=is_main,
                            title="grpo", config=cfg.model_dump(mode="json"))
     stop = GracefulStop()
-    zero_std_warned = -10**9
+    warned_at = -10**9
 
+    # ---- loop: rollout -> rewards -> advantages -> loss -> step
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
-        # ---- rollouts and rewards (dynamic sampling may draw more rounds of prompts)
-        groups, dropped_groups, round_ = [], 0, 0
-        all_rewards_first = None
-        t_roll = t_rew = 0.0
-        gen_tokens = seen_tokens = 0
-        while True:
-            draws = stream.draw(prompts_per_proc * world)[rank * prompts_per_proc:(rank + 1) * prompts_per_proc]
-            need = prompts_per_proc - len(groups)
-            new = []
-            if need > 0:
-                batch_prompts = [prompts[i] for i, _ in draws]
-                t0 = time.perf_counter()
-                ro = engine.generate([p["ids"] for p in batch_prompts], G, sampling, seeds=[k for _, k in draws])
-                t_roll += time.perf_counter() - t0
-                gen_tokens += ro.stats["tokens"]
-                t0 = time.perf_counter()
-                new = score_groups(ro, batch_prompts, rewards, reward_problems, tok, step,
-                                   g.mask_truncated_completions)
-                seen_tokens += ro.stats["tokens"] + sum(len(p["ids"]) for p in batch_prompts) * G
-                t_rew += time.perf_counter() - t0
-            round_rewards = gather_object([x["rewards"] for x in new]) if world > 1 else [x["rewards"] for x in new]
-            if all_rewards_first is None:
-                all_rewards_first = [r for grp in round_rewards for r in grp]
-                first_groups = list(new)
-            if g.dynamic_sampling:
-                kept = [x for x in new if not x["zero_std"]]
-                dropped_groups += len(new) - len(kept)
-                groups += kept[:max(need, 0)]
-            else:
-                groups += new
-            short = prompts_per_proc - len(groups)
-            any_short = max(gather_object([short])) if world > 1 else short
-            if not g.dynamic_sampling or any_short <= 0 or round_ >= g.dynamic_sampling_rounds:
-                break
-            round_ += 1
+        col = collect_groups(engine, stream, prompts, rewards, reward_problems, tok, sampling, g, step, per_proc,
+                             rank, world)
+        groups = col["groups"]
+        adv = batch_advantages(groups, g, rank, world)
+        first = gather_all([x["rewards"] for x in col["first"]], world)
+        frac_zero = float(zero_std_groups(torch.tensor([r for grp in first for r in grp], dtype=torch.float64),
+                                          g.num_generations).float().mean()) if first else 1.0
+        if is_main and frac_zero > g.zero_std_warning and step - warned_at >= 10:
+            warned_at = step
+            warn_zero_std(step, frac_zero, g)
 
-        # ---- advantages over the whole batch (the batch std needs every process's rewards)
-        local = [r for grp in groups for r in grp["rewards"]]
-        everyone = gather_object([local]) if world > 1 else [local]
-        flat = torch.tensor([r for part in everyone for r in part], dtype=torch.float64)
-        offset = sum(len(part) for part in everyone[:rank])
-        adv, _ = group_advantages(flat, G, g.scale_rewards) if flat.numel() else (flat, flat)
-        adv = adv[offset:offset + len(local)].float()
-        first = torch.tensor(all_rewards_first, dtype=torch.float64)
-        frac_zero = float(zero_std_groups(first, G).float().mean()) if first.numel() else 1.0
-        if is_main and frac_zero > g.zero_std_warning and step - zero_std_warned >= 10:
-            zero_std_warned = step
-            what = ("the policy loss and its gradient are zero" if frac_zero == 1.0 and g.beta == 0 and
-                    not g.dynamic_sampling else "they carry no learning signal")
-            warnings.warn(f"step {step + 1}: {frac_zero:.0%} of the groups got rewards that all agree "
-                          f"(frac_reward_zero_std={frac_zero:.2f}); {what}. Try grpo.dynamic_sampling=true, a larger "
-                          "grpo.num_generations, an easier dataset, or a reward with partial credit.", stacklevel=1)
-
-        # ---- completions into micro-batches: groups kept together (they share a prompt forward), longest first
-        items = [it for grp in groups for it in grp["items"]]
-        for it, a in zip(items, adv.tolist()):
+        # completions into micro-batches: groups kept together (they share a prompt forward), longest first
+        for it, a in zip((it for grp in groups for it in grp["items"]), adv.tolist()):
             it["advantage"] = a
         by_group = sorted((sorted(grp["items"], key=lambda it: -it["length"]) for grp in groups),
                           key=lambda its: -(len(its[0]["prompt"]) + its[0]["length"]))
         items = [it for its in by_group for it in its]
         dummy = not items
-        if dummy:  # nothing left on this process: one zero-weight micro-batch keeps DDP in step
-            items = first_groups[0]["items"][:1]
-            items[0]["advantage"] = 0.0
-        batches = [pack_micro_batch(items[i:i + t.batch_size], pad_id, device, share_prompts)
+        if dummy:  # dynamic sampling left nothing here: one zero-weight micro-batch keeps DDP in step
+            items = [dict(col["first"][0]["items"][0], advantage=0.0)]
+        batches = [pack_micro_batch(items[i:i + t.batch_size], engine.pad_id, device, share_prompts)
                    for i in range(0, len(items), t.batch_size)]
-        counts = torch.tensor([sum(float(b["mask"].sum()) for b in batches)], dtype=torch.float64, device=device)
-        if world > 1:
-            counts = accelerator.reduce(counts, reduction="sum")
-        num_items = max(float(counts[0]), 1.0) / world
 
-        # ---- reference log-probs (once per batch) and the optimizer updates
         t_train = time.perf_counter()
-        ref = [None] * len(batches)
-        if g.beta != 0:
-            with torch.no_grad(), autocast:
-                for j, b in enumerate(batches):
-                    ref[j] = reference_logps(model, ref_model, policy, b)
-        old = [None] * len(batches)
-        stats = {"kl": [], "entropy": [], "clip": [], "loss": 0.0}
-        for it_n in range(g.num_iterations):
-            loss_sum = 0.0
-            for j, b in enumerate(batches):
-                sync = j == len(batches) - 1
-                with (nullcontext() if sync or world == 1 else accelerator.no_sync(policy)), autocast:
-                    flat_lp, flat_ent = policy(b, entropy_grad=g.entropy_coef > 0)
-                    logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
-                    if old[j] is None:
-                        old[j] = logps.detach()
-                    ptl, ratio, kl = per_token_grpo_loss(logps, old[j], b["adv"], ref_logps=ref[j], beta=g.beta,
-                                                         epsilon_low=g.epsilon, epsilon_high=g.epsilon_high)
-                    loss = aggregate_loss(ptl, b["mask"], g.loss_type, max_completion_length=max_completion,
-                                          num_items=num_items)
-                    if g.loss_type != "dapo":
-                        loss = loss / len(batches)
-                    if g.entropy_coef:
-                        loss = loss - g.entropy_coef * masked_mean(ent, b["mask"]) / len(batches)
-                    if dummy:
-                        loss = loss * 0.0
-                    accelerator.backward(loss)
-                loss_sum += float(loss.detach())
-                if not dummy:
-                    stats["entropy"].append((float((ent.detach() * b["mask"]).sum()), float(b["mask"].sum())))
-                    if kl is not None:
-                        stats["kl"].append((float((kl.detach() * b["mask"]).sum()), float(b["mask"].sum())))
-                    stats["clip"].append((ratio.detach(), b["adv"], b["mask"]))
-            if not math.isfinite(loss_sum):
-                raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged. Lower train.lr "
-                                f"(now {t.lr}), check the rewards, or resume from the last checkpoint")
-            params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            stats["loss"] += loss_sum / g.num_iterations
+        stats, grad_norm, lr = update_policy(policy, model, ref_model, batches, optimizer, scheduler, cfg, accelerator,
+                                             max_completion, dummy, step)
         t_train = time.perf_counter() - t_train
 
         # ---- what users watch
         done = step + 1
-        all_groups = gather_object([[(x["rewards"], x["per_reward"], x["lengths"], x["truncated"]) for x in first_groups]]) \
-            if world > 1 else [[(x["rewards"], x["per_reward"], x["lengths"], x["truncated"]) for x in first_groups]]
-        sums = torch.tensor([stats["loss"], seen_tokens, gen_tokens], dtype=torch.float64, device=device)
+        sums = torch.tensor([stats["loss"], col["seen_tokens"], col["gen_tokens"]], dtype=torch.float64, device=device)
         if world > 1:
             sums = accelerator.reduce(sums, reduction="sum")
         total_tokens += int(sums[1])
-        dt = time.perf_counter() - t_step
         metrics = {"loss": float(sums[0]) / world, "grad_norm": grad_norm, "learning_rate": lr,
                    "epoch": stream.cursor / len(prompts)}
-        metrics.update(reward_metrics(all_groups, rewards.names, rewards.weights, frac_zero))
+        metrics.update(reward_metrics(gather_all([(x["rewards"], x["per_reward"], x["lengths"], x["truncated"])
+                                                  for x in col["first"]], world), rewards.names, frac_zero))
         metrics.update(reduce_policy_stats(stats, g, accelerator, world))
-        metrics.update({"step_time": dt, "rollout_time": t_roll, "reward_time": t_rew, "train_time": t_train,
-                        "tokens_per_s": float(sums[2]) / world / max(t_roll, 1e-9), "num_tokens": total_tokens,
-                        "peak_memory_mb": peak_memory_mb(device)})
+        metrics.update({"step_time": time.perf_counter() - t_step, "rollout_time": col["rollout_time"],
+                        "reward_time": col["reward_time"], "train_time": t_train,
+                        "tokens_per_s": float(sums[2]) / world / max(col["rollout_time"], 1e-9),
+                        "num_tokens": total_tokens, "peak_memory_mb": peak_memory_mb(device)})
         if g.dynamic_sampling:
-            metrics["dynamic_sampling/dropped_groups"] = dropped_groups
-            metrics["dynamic_sampling/rounds"] = round_ + 1
+            metrics.update({"dynamic_sampling/dropped_groups": col["dropped"], "dynamic_sampling/rounds": col["rounds"]})
         if done % t.log_every == 0 or done == total_steps:
             logger.log(done, metrics)
         if is_main and g.log_completions_every and (done % g.log_completions_every == 0 or done == 1):
-            log_completions(run_dir, done, first_groups, rewards.names, g.num_completions_to_print)
+            log_completions(run_dir, done, col["first"], rewards.names, g.num_completions_to_print)
         interrupted = stop.requested and done < total_steps
         if interrupted or (t.save_every and done % t.save_every == 0 and done < total_steps):
             accelerator.wait_for_everyone()
@@ -550,6 +309,8 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
         if interrupted:
             logger.close()
             raise UserError(f"interrupted after step {done}; checkpoint saved. Continue with --resume")
+
+    # ---- save
     stop.restore()
     logger.close()
     accelerator.wait_for_everyone()
@@ -560,42 +321,97 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     return out
 
 
+def update_policy(policy, model, ref_model, batches: list[dict], optimizer, scheduler, cfg: GRPORecipe, accelerator,
+                  max_completion: int, dummy: bool, step: int) -> tuple[dict, float, float]:
+    """``num_iterations`` optimizer updates on one batch of rollouts (micro-batches with gradient accumulation).
+    Returns (statistics, last grad norm, learning rate used)."""
+    g, t, world = cfg.grpo, cfg.train, accelerator.num_processes
+    device = batches[0]["mask"].device
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and
+                next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
+    count = torch.tensor([sum(float(b["mask"].sum()) for b in batches)], dtype=torch.float64, device=device)
+    if world > 1:
+        count = accelerator.reduce(count, reduction="sum")
+    num_items = max(float(count[0]), 1.0) / world  # dapo: tokens of the whole step; DDP averages over processes
+    ref = [None] * len(batches)
+    if g.beta != 0:
+        with torch.no_grad(), autocast:
+            ref = [reference_logps(model, ref_model, policy, b) for b in batches]
+    old = [None] * len(batches)
+    stats = {"kl": [], "entropy": [], "clip": [], "loss": 0.0}
+    for _ in range(g.num_iterations):
+        loss_sum = 0.0
+        for j, b in enumerate(batches):
+            sync = j == len(batches) - 1
+            with (nullcontext() if sync or world == 1 else accelerator.no_sync(policy)), autocast:
+                flat_lp, flat_ent = policy(b, entropy_grad=g.entropy_coef > 0)
+                logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
+                if old[j] is None:  # first iteration: the policy that sampled (see the module docstring)
+                    old[j] = logps.detach()
+                ptl, ratio, kl = per_token_grpo_loss(logps, old[j], b["adv"], ref_logps=ref[j], beta=g.beta,
+                                                     epsilon_low=g.epsilon, epsilon_high=g.epsilon_high)
+                loss = aggregate_loss(ptl, b["mask"], g.loss_type, max_completion_length=max_completion,
+                                      num_items=num_items)
+                if g.loss_type != "dapo":
+                    loss = loss / len(batches)
+                if g.entropy_coef:
+                    loss = loss - g.entropy_coef * masked_mean(ent, b["mask"]) / len(batches)
+                if dummy:
+                    loss = loss * 0.0
+                accelerator.backward(loss)
+            loss_sum += float(loss.detach())
+            if not dummy:
+                n = float(b["mask"].sum())
+                stats["entropy"].append((float((ent.detach() * b["mask"]).sum()), n))
+                if kl is not None:
+                    stats["kl"].append((float((kl.detach() * b["mask"]).sum()), n))
+                stats["clip"].append((ratio.detach(), b["adv"], b["mask"]))
+        if not math.isfinite(loss_sum):
+            raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged. Lower train.lr "
+                            f"(now {t.lr}), check the rewards, or resume from the last checkpoint")
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats["loss"] += loss_sum / g.num_iterations
+    return stats, grad_norm, lr
+
+
 # ---------------------------------------------------------------------------------------------- step pieces
 
 
-def score_groups(ro, batch_prompts: list[dict], rewards, problems: list[str], tok, step: int,
-                 mask_truncated_completions: bool = False) -> list[dict]:
-    """Rewards for one batch of rollouts -> one dict per group with its items (completions) and statistics."""
-    G = ro.num_generations
-    n = len(ro)
-    prompts_msgs = [batch_prompts[i // G]["messages"] for i in range(n)]
-    completions = [[{"role": "assistant", "content": text}] for text in ro.texts]
-    keys = list(batch_prompts[0]["columns"])
-    columns = {k: [batch_prompts[i // G]["columns"].get(k) for i in range(n)] for k in keys}
-    lengths = ro.lengths.tolist()
-    ids = [ro.completion_ids[i, :lengths[i]].tolist() for i in range(n)]
-    total, per_reward, _ = rewards(prompts_msgs, completions, completion_ids=ids, **columns)
-    if problems:
-        msg = problems[0]
-        problems.clear()
-        raise UserError(f"step {step + 1}: {msg}")
-    truncated = ro.truncated.tolist()
-    mask = ro.completion_mask.float()
-    if mask_truncated_completions:
-        mask = mask_truncated(mask, ro.truncated)
-    values = [float("nan") if v is None else float(v) for v in total]
-    zero = zero_std_groups(torch.tensor(values, dtype=torch.float64), G).tolist()
-    groups = []
-    for gi in range(n // G):
-        rows = range(gi * G, (gi + 1) * G)
-        items = [{"prompt": ro.prompt_of(i), "completion": ids[i], "length": lengths[i],
-                  "mask": mask[i, :lengths[i]],
-                  "text": ro.texts[i], "finish": ro.finish_reasons[i], "truncated": truncated[i]} for i in rows]
-        groups.append({"items": items, "rewards": [values[i] for i in rows], "zero_std": zero[gi],
-                       "per_reward": {k: [per_reward[k][i] for i in rows] for k in per_reward},
-                       "lengths": [lengths[i] for i in rows], "truncated": [truncated[i] for i in rows],
-                       "prompt_text": tok.decode(batch_prompts[gi]["ids"][-200:])})
-    return groups
+def gather_all(values: list, world: int) -> list:
+    """This process's list -> every process's items, in rank order."""
+    if world == 1:
+        return list(values)
+    from accelerate.utils import gather_object
+
+    return [x for part in gather_object([list(values)]) for x in part]
+
+
+def batch_advantages(groups: list[dict], g, rank: int, world: int) -> torch.Tensor:
+    """Advantages of this process's completions, computed over every process's rewards (scale_rewards=batch
+    needs the std of the whole batch)."""
+    from accelerate.utils import gather_object
+
+    local = [r for grp in groups for r in grp["rewards"]]
+    everyone = gather_object([local]) if world > 1 else [local]
+    flat = torch.tensor([r for part in everyone for r in part], dtype=torch.float64)
+    if not flat.numel():
+        return flat.float()
+    offset = sum(len(part) for part in everyone[:rank])
+    adv, _ = group_advantages(flat, g.num_generations, g.scale_rewards)
+    return adv[offset:offset + len(local)].float()
+
+
+def warn_zero_std(step: int, frac: float, g) -> None:
+    what = ("the policy loss and its gradient are zero" if frac == 1.0 and g.beta == 0 and not g.dynamic_sampling
+            else "they carry no learning signal")
+    warnings.warn(f"step {step + 1}: {frac:.0%} of the groups got rewards that all agree "
+                  f"(frac_reward_zero_std={frac:.2f}); {what}. Try grpo.dynamic_sampling=true, a larger "
+                  "grpo.num_generations, an easier dataset, or a reward with partial credit.", stacklevel=2)
 
 
 @torch.no_grad()
@@ -609,32 +425,6 @@ def reference_logps(model, ref_model, policy, b: dict) -> torch.Tensor:
         with model.disable_adapter():
             lp, _ = module(b)
     return unpad(lp, b)
-
-
-def reward_metrics(all_groups, names, weights, frac_zero: float) -> dict:
-    """TRL's reward and completion metrics over the step's first round of rollouts (every process)."""
-    rewards = [r for part in all_groups for x in part for r in x[0]]
-    lengths = [n for part in all_groups for x in part for n in x[2]]
-    trunc = [tr for part in all_groups for x in part for tr in x[3]]
-    r = torch.tensor(rewards, dtype=torch.float64)
-    out = {"reward": float(torch.nanmean(r)), "reward_std": float(_std(r)), "frac_reward_zero_std": frac_zero}
-    for name in names:
-        vals = torch.tensor([float("nan") if v is None else v for part in all_groups for x in part
-                             for v in x[1][name]], dtype=torch.float64)
-        out[f"rewards/{name}/mean"] = float(torch.nanmean(vals))
-        out[f"rewards/{name}/std"] = float(_std(vals))
-    term = [n for n, tr in zip(lengths, trunc) if not tr]
-    out.update({"completions/mean_length": float(np.mean(lengths)), "completions/min_length": min(lengths),
-                "completions/max_length": max(lengths), "completions/clipped_ratio": float(np.mean(trunc)),
-                "completions/mean_terminated_length": float(np.mean(term)) if term else 0.0,
-                "completions/min_terminated_length": min(term) if term else 0,
-                "completions/max_terminated_length": max(term) if term else 0})
-    return out
-
-
-def _std(x: torch.Tensor) -> torch.Tensor:
-    x = x[~torch.isnan(x)]
-    return x.std() if x.numel() > 1 else torch.tensor(0.0)
 
 
 def reduce_policy_stats(stats: dict, g, accelerator, world: int) -> dict:
@@ -659,30 +449,3 @@ def reduce_policy_stats(stats: dict, g, accelerator, world: int) -> dict:
     return out
 
 
-def log_completions(run_dir: Path, step: int, groups: list[dict], names: list[str], n_print: int) -> None:
-    """Every completion of the step (this process) to completions.jsonl; a few to the console as a table."""
-    path = run_dir / "completions.jsonl"
-    with path.open("a") as f:
-        for gi, grp in enumerate(groups):
-            for k, it in enumerate(grp["items"]):
-                f.write(json.dumps({"step": step, "group": gi, "prompt": grp["prompt_text"], "completion": it["text"],
-                                    "reward": grp["rewards"][k], "advantage": it.get("advantage"),
-                                    "rewards": {nm: grp["per_reward"][nm][k] for nm in names},
-                                    "length": it["length"], "finish_reason": it["finish"]}) + "\n")
-    if not n_print:
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"step {step}: sample completions", show_lines=True)
-    for col in ("prompt", "completion", "reward", *names):
-        table.add_column(col, overflow="fold")
-    shown = 0
-    for grp in groups:
-        for k, it in enumerate(grp["items"]):
-            if shown >= n_print:
-                break
-            table.add_row(grp["prompt_text"][-120:], it["text"][:300], f"{grp['rewards'][k]:.3g}",
-                          *(f"{grp['per_reward'][nm][k]}" for nm in names))
-            shown += 1
-    Console(width=160).print(table)
