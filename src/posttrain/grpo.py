@@ -30,8 +30,8 @@ Departures from the DeepSeekMath paper (GRPO), each TRL's choice too unless said
 - Options from later work: ``mask_truncated_completions`` (DAPO overlong filtering), ``dynamic_sampling``
   (DAPO: drop groups whose rewards all agree, optionally drawing more prompts to refill the batch), an
   entropy bonus.
-- Micro-batches of a step are sorted by length (less padding) rather than shuffled; only ``bnpo`` (token
-  mean per micro-batch) can notice.
+- Micro-batches hold whole groups, longest first (less padding, and a group's completions share one prompt
+  forward), rather than shuffled completions; only ``bnpo`` (token mean per micro-batch) can notice.
 """
 
 from __future__ import annotations

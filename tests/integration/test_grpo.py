@@ -265,3 +265,20 @@ def test_shared_prompt_forward_equals_one_row_per_completion(tiny_qwen3):
     assert g0.keys() == g1.keys() and g0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-6)
+
+
+def test_init_adapter_continue_and_merge(tiny_qwen3, tmp_path):
+    """An SFT adapter continues (same tensors to start from) or is merged under a new adapter; a lora: section
+    that does not match the adapter it would continue is an error."""
+    train(recipe(tiny_qwen3, tmp_path / "sft", "train.max_steps=1"), reward_funcs=[low_ids])
+    sft = adapter(tmp_path / "sft")
+    train(recipe(tiny_qwen3, tmp_path / "cont", "train.max_steps=1", "train.lr=0", f"init_adapter={tmp_path / 'sft/adapter'}"),
+          reward_funcs=[low_ids])
+    assert_close(adapter(tmp_path / "cont"), sft, 0.0)
+    train(recipe(tiny_qwen3, tmp_path / "merge", "train.max_steps=1", "train.lr=0", "init_adapter_mode=merge",
+                 f"init_adapter={tmp_path / 'sft/adapter'}"), reward_funcs=[low_ids])
+    fresh = adapter(tmp_path / "merge")
+    assert all(v.abs().sum() == 0 for k, v in fresh.items() if "lora_B" in k)  # a new adapter on the merged base
+    with pytest.raises(UserError, match="has r=4, alpha=8.0 but the lora: section says r=8"):
+        train(recipe(tiny_qwen3, tmp_path / "bad", "lora.r=8", f"init_adapter={tmp_path / 'sft/adapter'}"),
+              reward_funcs=[low_ids])
