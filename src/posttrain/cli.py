@@ -20,6 +20,8 @@ COMMANDS = {
     "export": "posttrain.commands.export_cmd",
     "chat": "posttrain.commands.chat_cmd",
     "generate": "posttrain.commands.generate_cmd",
+    "run": "posttrain.commands.run_cmd",
+    "quickstart": "posttrain.commands.quickstart_cmd",
 }
 
 
