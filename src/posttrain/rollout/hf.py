@@ -295,9 +295,4 @@ class HFRolloutEngine:
         return tokens, logps, reasons
 
 
-def unwrap(model):
-    """The model under a DDP / accelerate wrapper."""
-    return getattr(model, "module", model)
-
-
-__all__ = ["HFRolloutEngine", "filter_logits", "merged_lora", "sample_tokens", "unwrap"]
+__all__ = ["HFRolloutEngine", "filter_logits", "merged_lora", "sample_tokens"]
