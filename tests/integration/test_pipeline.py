@@ -147,3 +147,10 @@ def test_bad_pipeline_files_name_the_problem(tmp_path):
         run_pipeline(p, out=tmp_path / "run")
     with pytest.raises(UserError, match="does not exist"):
         load_pipeline(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "recipes" / "pipelines").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_pipelines_load(path):
+    pipe = load_pipeline(path)
+    assert pipe.stages and all(Path(s.spec["recipe"]).is_file() for s in pipe.stages if s.command in ("sft", "grpo"))
