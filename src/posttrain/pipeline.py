@@ -322,12 +322,16 @@ def run_pipeline(path: str | Path, out: str | Path | None = None, extra: dict[st
             stage.dir.mkdir(parents=True, exist_ok=True)
             started.write_text(json.dumps({"fingerprint": fp, "input": stamp}) + "\n")
             t0 = time.perf_counter()
-            if cfg is not None:
-                info = _run_train(stage, cfg)
-            elif target is not None:
-                info = _run_eval(stage, *target)
-            else:
-                info = _run_export(stage, source)
+            try:
+                if cfg is not None:
+                    info = _run_train(stage, cfg)
+                elif target is not None:
+                    info = _run_eval(stage, *target)
+                else:
+                    info = _run_export(stage, source)
+            except UserError as exc:  # e.g. Ctrl-C in training: checkpoint saved, then UserError
+                raise UserError(f"stage {stage.name}: {exc}. Finished stages are kept: run the pipeline again to "
+                                "continue") from None
             _mark_done(stage, fp, time.perf_counter() - t0, {"input": stamp, **info})
             gc.collect()
         if stage.command in ("sft", "grpo"):
