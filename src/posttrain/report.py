@@ -73,7 +73,10 @@ def collect(run_dir: Path, stages) -> dict:
         d = run_dir / st.name
         done = _json(d / "DONE") if (d / "DONE").is_file() else None
         out["stages"].append({"name": st.name, "command": st.command, "done": done is not None,
-                              "seconds": done.get("seconds") if done else None})
+                              "seconds": done.get("seconds") if done else None,
+                              "output": (done or {}).get("output") or (
+                                  str(d / "adapter") if (d / "adapter").is_dir() else
+                                  str(d / "model") if (d / "model").is_dir() else None)})
         if st.command == "eval":
             m = _json(d / "metrics.json")
             if m:
@@ -225,7 +228,11 @@ def write_report(pipe) -> Path:
         lines.append(f"| {s['name']} | {s['command']} | {'done' if s['done'] else 'not run'} | "
                      f"{_num(s['seconds'], 0) + ' s' if s['seconds'] is not None else '–'} |")
     total = sum(s["seconds"] or 0 for s in data["stages"])
-    lines += ["", f"Total stage time: {total:.0f} s ({total / 60:.1f} min).", ""]
+    lines += ["", f"Total stage time: {total:.0f} s ({total / 60:.1f} min)"
+              " (of the runs that finished each stage; an interrupted run's earlier part is not counted).", ""]
+    outputs = [(s["name"], s["output"]) for s in data["stages"] if s.get("output")]
+    if outputs:
+        lines += ["Models: " + "; ".join(f"{name}: `{path}`" for name, path in outputs) + ".", ""]
     if data["evals"]:
         lines += ["## Accuracy", "", f"Benchmark: {data['evals'][0]['benchmark']}; greedy pass@1 with the Wilson 95% "
                   "interval; format rate = the answer was found in the expected format.", ""]
