@@ -224,3 +224,23 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_qwen3, data_fil
     assert_same(a, b, 5e-3)
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert (diffs < 1e-6).float().mean() > 0.9
+
+
+def test_local_dataset_folder_goes_through_the_hub_loader_and_tensorboard_logs(tiny_qwen3, tmp_path):
+    """A dataset directory is loaded by datasets.load_dataset, the same code path as a hub id."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", chats(8))
+    cfg = recipe(tiny_qwen3, folder, tmp_path / "run", "train.max_steps=2", "train.batch_size=2",
+                 "train.report_to=[tensorboard]")
+    from posttrain.data.loading import resolve_source
+
+    assert resolve_source(cfg.data) == "hub"
+    train(cfg)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]

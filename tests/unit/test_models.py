@@ -51,3 +51,15 @@ def test_smollm2_alias_loads_from_the_packaged_gguf_cache():
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert len(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()) > 0
     assert time.perf_counter() - t0 < 30  # loose here; the cached load itself is ~0.5-2 s on an idle machine
+
+
+def test_rslora_and_dora_reach_peft(tiny_qwen3):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, use_rslora=True, use_dora=True, target_modules=["q_proj"]))
+    cfg = peft_model.peft_config["default"]
+    assert cfg.use_rslora and cfg.use_dora and set(cfg.target_modules) == {"q_proj"}
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
+    assert "default" in layer.lora_magnitude_vector  # DoRA
