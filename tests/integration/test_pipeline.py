@@ -154,3 +154,37 @@ def test_bad_pipeline_files_name_the_problem(tmp_path):
 def test_shipped_pipelines_load(path):
     pipe = load_pipeline(path)
     assert pipe.stages and all(Path(s.spec["recipe"]).is_file() for s in pipe.stages if s.command in ("sft", "grpo"))
+
+
+def test_ctrl_c_in_a_stage_then_rerun_continues(tiny_qwen3, tmp_path):
+    """A real `posttrain run` process gets SIGINT during sft: it checkpoints, exits with status 2 and says to rerun;
+    the rerun resumes sft from that checkpoint (not from step 0) and finishes the pipeline."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pipe = write_pipeline(tmp_path, tiny_qwen3)
+    pipe.write_text(f"model: {tiny_qwen3}\nstages:\n  - {{name: sft, recipe: sft.yaml, overrides: "
+                    "[train.max_steps=12, train.save_every=0]}\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(pipe), "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[step 2/12]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    text = "".join(seen) + rest
+    assert proc.returncode == 2, text
+    assert "stage sft: interrupted after step" in text and "run the pipeline again" in text
+    assert not (run / "sft" / "DONE").exists()
+    stopped = json.loads((run / "sft" / "checkpoints").glob("step-*").__next__().joinpath("state.json").read_text())
+    assert stopped["step"] >= 2
+
+    run_pipeline(pipe, out=run)
+    steps = [r["step"] for r in rows(run / "sft" / "metrics.jsonl")]
+    assert steps == list(range(1, 13)) and (run / "sft" / "DONE").is_file()
