@@ -30,6 +30,9 @@ Departures from the DeepSeekMath paper (GRPO), each TRL's choice too unless said
 - Options from later work: ``mask_truncated_completions`` (DAPO overlong filtering), ``dynamic_sampling``
   (DAPO: drop groups whose rewards all agree, optionally drawing more prompts to refill the batch), an
   entropy bonus.
+- Numerics: the decoder layers may run in bf16 (``compute_dtype``; autocast, float32 master weights), the
+  head and log-softmax in float32: log-probabilities are never taken from bf16 logits (TRL's default rounds
+  them to bf16 unless ``cast_lm_head_to_fp32``).
 - Micro-batches hold whole groups, longest first (less padding, and a group's completions share one prompt
   forward), rather than shuffled completions; only ``bnpo`` (token mean per micro-batch) can notice.
 """
@@ -100,12 +103,23 @@ class PolicyLogps(torch.nn.Module):
     group, which are then run on top of it. The G completions of a group thus cost one prompt forward and
     backward instead of G; gradients still reach the prompt positions (LoRA acts there too)."""
 
-    def __init__(self, model, temperature: float, chunk_size: int):
+    def __init__(self, model, temperature: float, chunk_size: int, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
+        self.compute_dtype = compute_dtype
 
     def forward(self, batch: dict, entropy_grad: bool = False):
         decoder, head = decoder_and_head(self.model)
+        device = batch["mask"].device
+        with (torch.autocast(device.type, dtype=self.compute_dtype) if self.compute_dtype else nullcontext()):
+            hidden = self._hidden(decoder, batch)
+        # the head outside autocast, in its weight's dtype (float32 unless the model itself is 16-bit)
+        return selective_log_softmax(hidden.to(head.weight.dtype), head.weight, batch["targets"],
+                                     bias=getattr(head, "bias", None), temperature=self.temperature or 1.0,
+                                     chunk_size=self.chunk_size, entropy=True, entropy_grad=entropy_grad)
+
+    def _hidden(self, decoder, batch: dict) -> torch.Tensor:
+        """Final hidden states at the positions that predict each completion token, flattened."""
         if "p_ids" in batch:
             from transformers import DynamicCache
 
@@ -116,13 +130,9 @@ class PolicyLogps(torch.nn.Module):
             last = out.last_hidden_state[:, -1][batch["row_u"]]  # predicts each completion's first token
             comp = decoder(input_ids=batch["c_ids"], attention_mask=batch["attn"], position_ids=batch["c_pos"],
                            past_key_values=cache, use_cache=True).last_hidden_state
-            hidden = torch.cat([last.unsqueeze(1), comp], dim=1)[batch["rows"], batch["cols"]]
-        else:
-            hidden = decoder(input_ids=batch["ids"], attention_mask=batch["attn"],
-                             use_cache=False).last_hidden_state[batch["rows"], batch["cols"]]
-        return selective_log_softmax(hidden, head.weight, batch["targets"], bias=getattr(head, "bias", None),
-                                     temperature=self.temperature or 1.0, chunk_size=self.chunk_size,
-                                     entropy=True, entropy_grad=entropy_grad)
+            return torch.cat([last.unsqueeze(1), comp], dim=1)[batch["rows"], batch["cols"]]
+        return decoder(input_ids=batch["ids"], attention_mask=batch["attn"],
+                       use_cache=False).last_hidden_state[batch["rows"], batch["cols"]]
 
 
 def pack_micro_batch(items: list[dict], pad_id: int, device, share_prompts: bool = False) -> dict:
@@ -225,8 +235,12 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
         ref_model, _ = load_model(cfg.model, None, for_training=False, verbose=False)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps * g.num_iterations)
-    policy = accelerator.prepare(PolicyLogps(model, g.temperature, t.loss_chunk_size))
-    engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows)
+    compute = resolve_compute_dtype(g.compute_dtype, model)
+    if is_main:
+        print(f"[posttrain] compute: decoder layers in {str(compute or next(model.parameters()).dtype)[6:]}, "
+              f"head and log-softmax in {str(decoder_and_head(model)[1].weight.dtype)[6:]}")
+    policy = accelerator.prepare(PolicyLogps(model, g.temperature, t.loss_chunk_size, compute))
+    engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows, compute_dtype=compute)
     sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p,
                               max_new_tokens=max_completion, stop_token_ids=engine.default_stop_ids(),
                               stop_strings=tuple(g.stop_strings), ignore_eos=g.ignore_eos, seed=t.seed)
@@ -327,15 +341,13 @@ def update_policy(policy, model, ref_model, batches: list[dict], optimizer, sche
     Returns (statistics, last grad norm, learning rate used)."""
     g, t, world = cfg.grpo, cfg.train, accelerator.num_processes
     device = batches[0]["mask"].device
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and
-                next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
     count = torch.tensor([sum(float(b["mask"].sum()) for b in batches)], dtype=torch.float64, device=device)
     if world > 1:
         count = accelerator.reduce(count, reduction="sum")
     num_items = max(float(count[0]), 1.0) / world  # dapo: tokens of the whole step; DDP averages over processes
     ref = [None] * len(batches)
     if g.beta != 0:
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             ref = [reference_logps(model, ref_model, policy, b) for b in batches]
     old = [None] * len(batches)
     stats = {"kl": [], "entropy": [], "clip": [], "loss": 0.0}
@@ -343,7 +355,7 @@ def update_policy(policy, model, ref_model, batches: list[dict], optimizer, sche
         loss_sum = 0.0
         for j, b in enumerate(batches):
             sync = j == len(batches) - 1
-            with (nullcontext() if sync or world == 1 else accelerator.no_sync(policy)), autocast:
+            with nullcontext() if sync or world == 1 else accelerator.no_sync(policy):
                 flat_lp, flat_ent = policy(b, entropy_grad=g.entropy_coef > 0)
                 logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
                 if old[j] is None:  # first iteration: the policy that sampled (see the module docstring)
@@ -380,6 +392,30 @@ def update_policy(policy, model, ref_model, batches: list[dict], optimizer, sche
 
 
 # ---------------------------------------------------------------------------------------------- step pieces
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than float32 (Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_compute_dtype(name: str, model) -> torch.dtype | None:
+    """The autocast dtype of the decoder layers, or None (run in the weights' dtype)."""
+    weights = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    if name == "float32" or weights in (torch.float16, torch.bfloat16):
+        return None  # float32 asked, or 16-bit weights already
+    if name == "auto" and getattr(model, "is_loaded_in_4bit", False):
+        return None  # 4-bit layers compute in their own bnb_4bit_compute_dtype
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 def gather_all(values: list, world: int) -> list:
@@ -419,7 +455,7 @@ def reference_logps(model, ref_model, policy, b: dict) -> torch.Tensor:
     """Token log-probs under the reference: the base with adapters disabled, or the frozen copy."""
     module = getattr(policy, "module", policy)
     if ref_model is not None:
-        ref_policy = PolicyLogps(ref_model, module.temperature, module.chunk_size)
+        ref_policy = PolicyLogps(ref_model, module.temperature, module.chunk_size, module.compute_dtype)
         lp, _ = ref_policy(b)
     else:
         with model.disable_adapter():

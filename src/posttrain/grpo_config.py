@@ -44,6 +44,10 @@ class GRPOConfig(Section):
     reward_weights: list[float] | None = None
     share_prompt: bool = Field(True, description="in training, a group's completions share one prompt forward "
                                                  "(not with model.gradient_checkpointing)")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the decoder layers' matmuls in rollouts and training (autocast); the head and "
+                            "log-softmax stay in float32 with float32 weights. auto: bfloat16 on CUDA with bf16 "
+                            "and on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
     # rollout engine
     rollout_backend: Literal["hf"] = "hf"
     rollout_max_rows: int | None = Field(None, ge=1, description="completions decoded together; default all")

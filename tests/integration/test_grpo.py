@@ -35,7 +35,7 @@ def recipe(model, out, *overrides) -> GRPORecipe:
             "data.columns={problem: problem, solution: null, answer: answer}", "data.template=chatml",
             f"output_dir={out}", "lora.r=4", "lora.alpha=8", "train.batch_size=8", "grpo.num_generations=4",
             "grpo.max_completion_length=6", "train.lr=5e-3", "train.warmup_steps=0", "train.max_grad_norm=null",
-            "grpo.log_completions_every=0", "grpo.max_prompt_length=64"]
+            "grpo.log_completions_every=0", "grpo.max_prompt_length=64", "grpo.compute_dtype=float32"]
     return load_recipe(None, base + list(overrides), cls=GRPORecipe)
 
 
@@ -63,7 +63,7 @@ def test_reward_rises_on_a_toy_verifiable_task(tmp_path):
 
     cfg = recipe("smollm2-135m-instruct", tmp_path / "run", "data.template=tokenizer", "lora.r=8", "lora.alpha=16",
                  "grpo.max_completion_length=4", "train.max_steps=6", "train.lr=2e-3", "train.scheduler=constant",
-                 "train.max_grad_norm=1.0", "train.seed=3407")
+                 "train.max_grad_norm=1.0", "train.seed=3407", "grpo.compute_dtype=auto")  # bf16 where the CPU has it
     train(cfg, reward_funcs=[starts_with_digit])
     rewards = [m["reward"] for m in metrics(tmp_path / "run")]
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
@@ -109,7 +109,7 @@ def test_two_processes_equal_one(tiny_qwen3, tmp_path):
                             f"train.batch_size={bs}", "grpo.num_generations=4", "grpo.max_completion_length=6",
                             "train.lr=5e-3", "train.max_steps=2", "grpo.loss_type=dapo", "grpo.scale_rewards=batch",
                             "grpo.log_completions_every=0", "grpo.max_prompt_length=64",
-                            f"rewards=[{rewards_file}:low_ids]"]
+                            "grpo.compute_dtype=float32", f"rewards=[{rewards_file}:low_ids]"]
     # accelerate's --cpu launcher runs one process; --multi_gpu starts torchrun, and without CUDA the two
     # processes join a gloo process group on the CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -12,7 +12,10 @@ What makes it cheaper than ``model.generate`` on the same model:
    place and restored exactly; 4-bit weights are left unmerged (folding into NF4 would re-quantize them).
 3. **Finished rows leave the batch.** When a completion stops, its row is removed from the input, the
    attention mask and every layer's KV cache, so the remaining decode steps cost only what is still running.
-4. **Per-completion random streams.** Each completion samples from its own generator keyed by
+4. **16-bit compute where it is fast** (``compute_dtype``): the decoder layers run under bf16 autocast with
+   their weights cast once per rollout; the head runs in its own dtype (float32 on CPU), so sampling sees
+   float32 logits.
+5. **Per-completion random streams.** Each completion samples from its own generator keyed by
    ``(seed, prompt seed, sample index)``; sampling is batch-invariant and reproducible across restarts and
    process counts.
 """
@@ -20,11 +23,12 @@ What makes it cheaper than ``model.generate`` on the same model:
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
 
+from posttrain.models import decoder_and_head
 from posttrain.rollout import Rollouts, SamplingParams
 
 
@@ -83,6 +87,30 @@ def merged_lora(model, mode: str = "auto"):
         with torch.no_grad():
             for w, orig in zip(base_weights, saved):
                 w.data.copy_(orig.to(w.device))
+
+
+@contextmanager
+def layers_in(model, dtype: torch.dtype | None):
+    """While generating with a 16-bit compute dtype, hold the decoder layers' float32 linear weights as
+    ``dtype`` copies (cast once per rollout instead of by autocast at every decode step); restored after.
+    The embeddings and the head keep their dtype."""
+    if dtype is None:
+        yield
+        return
+    decoder, head = decoder_and_head(model)
+    saved = []
+    with torch.no_grad():
+        for m in decoder.modules():
+            if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and m.weight is not head.weight:
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        saved.append((p, p.data))
+                        p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,11 +176,13 @@ class HFRolloutEngine:
     first); ``None`` decodes the whole batch at once. ``merge``: see :func:`merged_lora`.
     """
 
-    def __init__(self, model, tokenizer, *, merge: str = "auto", max_rows: int | None = None):
+    def __init__(self, model, tokenizer, *, merge: str = "auto", max_rows: int | None = None,
+                 compute_dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.merge = merge
         self.max_rows = max_rows
+        self.compute_dtype = compute_dtype  # e.g. bfloat16: decoder layers in bf16, the head in its own dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def default_stop_ids(self) -> tuple[int, ...]:
@@ -185,7 +215,7 @@ class HFRolloutEngine:
         was_training = model.training
         model.eval()
         try:
-            with merged_lora(model, self.merge):
+            with merged_lora(model, self.merge), layers_in(model, self.compute_dtype):
                 for start in range(0, len(order), per_chunk):
                     idx = order[start:start + per_chunk]
                     out = self._generate_chunk([prompts[i] for i in idx], n, sampling, [seeds[i] for i in idx], stats)
@@ -219,6 +249,20 @@ class HFRolloutEngine:
                 text = text[:pos + len(s)] if sampling.include_stop_str_in_output else text[:pos]
         return text
 
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> tuple[torch.Tensor, object]:
+        """Float32 logits of the last position, and the cache. The decoder runs under autocast when a compute
+        dtype is set; the head always runs in its weight's dtype (float32 on CPU), outside autocast."""
+        decoder, head = decoder_and_head(self.model)
+        device = input_ids.device
+        ctx = (torch.autocast(device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
+               else nullcontext())
+        with ctx:
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+        logits = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, getattr(head, "bias", None))
+        return logits.float(), out.past_key_values
+
     def _generate_chunk(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seeds: list[int],
                         stats: dict) -> tuple[list[list[int]], list[list[float]], list[str]]:
         from transformers import DynamicCache
@@ -237,11 +281,9 @@ class HFRolloutEngine:
 
         t0 = time.perf_counter()
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        last, cache = self._forward(input_ids, attn, positions, cache)
         cache.batch_repeat_interleave(n)  # the group's G samples share one prefill
-        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+        logits = last.repeat_interleave(n, dim=0)
         stats["prefill_s"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -286,13 +328,10 @@ class HFRolloutEngine:
                 attn, next_pos, tok = attn[sel], next_pos[sel], tok[sel.to(tok.device)]
                 rows = [rows[k] for k in keep]
             attn = torch.cat([attn, attn.new_ones((len(rows), 1))], dim=-1)
-            out = model(input_ids=tok.to(device)[:, None], attention_mask=attn, position_ids=next_pos,
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float()
+            logits, cache = self._forward(tok.to(device)[:, None], attn, next_pos, cache)
             next_pos = next_pos + 1
         stats["decode_s"] += time.perf_counter() - t0
         return tokens, logps, reasons
 
 
-__all__ = ["HFRolloutEngine", "filter_logits", "merged_lora", "sample_tokens"]
+__all__ = ["HFRolloutEngine", "filter_logits", "layers_in", "merged_lora", "sample_tokens"]
