@@ -7,9 +7,13 @@ two reward functions, the same synthetic prompts rendered with SmolLM2's chat te
 16 completions in micro-batches of one group (4) with gradient accumulation, a pure memory/speed choice: the
 ``dapo`` loss normalizes by the step's token count, so the update is the same as one batch of 16.
 
-TRL runs twice: with its defaults (gradient checkpointing on, bf16 autocast on, as GRPOConfig sets them) and
-tuned for this CPU (gradient checkpointing off, fp32). Each system runs in its own subprocess, so peak RSS is
-its own; each runs 1 warm-up step and ``--steps`` measured steps.
+TRL runs three ways: its defaults (gradient checkpointing on, bf16 autocast on, as GRPOConfig sets them),
+"tuned" as the issue measured it (gradient checkpointing off, fp32), and "best" (checkpointing off, bf16
+autocast) for CPUs where bf16 is fast (AVX512-BF16 / AMX). posttrain runs with its defaults: float32 master
+weights, ``compute_dtype: auto`` (bf16 autocast for the decoder layers on such CPUs, float32 head and
+log-softmax). Each system runs in its own subprocess, so peak RSS is its own; each runs 1 warm-up step and
+``--steps`` measured steps; ``--rounds 2`` runs the whole sequence twice and keeps each system's faster round
+(the machine is shared and noisy; ratios hold better than absolute times).
 
 Also printed: posttrain's rollout tokens/s beside plain ``model.generate`` on the same 16 x 64 tokens (sampling,
 LoRA unmerged, as TRL generates), and beside the memory-bandwidth bound of decoding (every decode step reads
@@ -137,7 +141,7 @@ def plain_generate_and_bandwidth() -> tuple[float, float, float]:
 # ---------------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(steps: int, out: Path, tuned: bool) -> dict:
+def run_trl(steps: int, out: Path, tuned: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -148,7 +152,8 @@ def run_trl(steps: int, out: Path, tuned: bool) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ds = Dataset.from_list(prompts())
-    kw = {"gradient_checkpointing": False, "bf16": False} if tuned else {}
+    kw = {"tuned": {"gradient_checkpointing": False, "bf16": False},
+          "best": {"gradient_checkpointing": False, "bf16": True}, "default": {}}[tuned]
     args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=N_PROMPTS * G, gradient_accumulation_steps=1,
                       num_generations=G, max_completion_length=NEW_TOKENS,
                       generation_kwargs={"min_new_tokens": NEW_TOKENS}, temperature=1.0, beta=0.0, num_iterations=1,
@@ -195,14 +200,15 @@ def child(system: str, steps: int, result: str) -> None:
         if system == "posttrain":
             res = run_posttrain(steps, out)
         else:
-            res = run_trl(steps, out, tuned=system == "trl-tuned")
+            res = run_trl(steps, out, tuned=system.split("-", 1)[1])
     Path(result).write_text(json.dumps(res))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2, help="measured steps per system (after 1 warm-up step)")
-    ap.add_argument("--systems", default="posttrain,trl-tuned,trl-default")
+    ap.add_argument("--systems", default="posttrain,trl-default,trl-tuned,trl-best")
+    ap.add_argument("--rounds", type=int, default=1, help="run the sequence this many times; keep each system's best")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
@@ -210,45 +216,56 @@ def main() -> None:
     if args.child:
         child(args.child, args.steps, args.result)
         return
-    results = {}
-    for system in args.systems.split(","):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            result = f.name
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(args.steps), "--result", result],
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
-            continue
-        results[system] = json.loads(Path(result).read_text())
-        print(f"[bench] {system}: {results[system]['step_time']:.1f} s/step ({time.perf_counter() - t0:.0f} s total)",
-              flush=True)
+    results: dict = {}
+    for round_ in range(args.rounds):
+        for system in args.systems.split(","):
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                result = f.name
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(args.steps),
+                                   "--result", result], env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
+                continue
+            res = json.loads(Path(result).read_text())
+            res["all_rounds"] = results.get(system, {}).get("all_rounds", []) + [res["step_time"]]
+            if system not in results or res["step_time"] < results[system]["step_time"]:
+                results[system] = res
+            results[system]["all_rounds"] = res["all_rounds"]
+            print(f"[bench] round {round_ + 1} {system}: {res['step_time']:.1f} s/step, peak RSS "
+                  f"{res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s total)", flush=True)
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 def report(r: dict) -> None:
-    print(f"\nGRPO step, SmolLM2-135M-Instruct fp32, LoRA r16 (7 projections), {N_PROMPTS} prompts x {G} generations x "
-          f"{NEW_TOKENS} new tokens, beta 0, 1 iteration; CPU threads {r.get('posttrain', {}).get('threads', '?')}\n")
-    print("| system | step time (s) | generation + rewards (s) | loss + update (s) | peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|")
-    names = {"posttrain": "posttrain", "trl-default": "TRL GRPOTrainer, defaults (grad. checkpointing, bf16)",
-             "trl-tuned": "TRL GRPOTrainer, tuned (no checkpointing, fp32)"}
-    for k in ("posttrain", "trl-tuned", "trl-default"):
+    print(f"\nGRPO step, SmolLM2-135M-Instruct (float32 weights), LoRA r16 (7 projections), {N_PROMPTS} prompts x {G} "
+          f"generations x {NEW_TOKENS} new tokens, beta 0, 1 iteration; CPU threads "
+          f"{r.get('posttrain', {}).get('threads', '?')}\n")
+    print("| system | step time (s) | generation + rewards (s) | loss + update (s) | peak RSS (MB) | rounds (s/step) |")
+    print("|---|---:|---:|---:|---:|---|")
+    names = {"posttrain": "posttrain (compute_dtype auto)",
+             "trl-default": "TRL GRPOTrainer, defaults (grad. checkpointing, bf16 autocast)",
+             "trl-tuned": "TRL GRPOTrainer, tuned as in the issue (no checkpointing, fp32)",
+             "trl-best": "TRL GRPOTrainer, best here (no checkpointing, bf16 autocast)"}
+    for k in ("posttrain", "trl-default", "trl-tuned", "trl-best"):
         if k in r:
             x = r[k]
+            rounds = ", ".join(f"{v:.1f}" for v in x.get("all_rounds", [x["step_time"]]))
             print(f"| {names[k]} | {x['step_time']:.1f} | {x['rollout_time']:.1f} | {x['train_time']:.1f} | "
-                  f"{x['peak_rss_mb']:.0f} |")
+                  f"{x['peak_rss_mb']:.0f} | {rounds} |")
     p = r.get("posttrain")
     if p:
         print()
-        for k, target in (("trl-default", 0.3), ("trl-tuned", 0.6)):
+        for k, target in (("trl-default", 0.3), ("trl-tuned", 0.6), ("trl-best", None)):
             if k in r:
                 ratio = p["step_time"] / r[k]["step_time"]
                 mem = p["peak_rss_mb"] <= r[k]["peak_rss_mb"]
-                print(f"posttrain / {k}: step time {ratio:.2f}x (target <= {target}x: {'met' if ratio <= target else 'MISSED'}), "
-                      f"peak RSS {p['peak_rss_mb'] / r[k]['peak_rss_mb']:.2f}x ({'met' if mem else 'MISSED'} <= 1x)")
+                goal = f" (target <= {target}x: {'met' if ratio <= target else 'MISSED'})" if target else ""
+                print(f"posttrain / {k}: step time {ratio:.2f}x{goal}, peak RSS "
+                      f"{p['peak_rss_mb'] / r[k]['peak_rss_mb']:.2f}x ({'met' if mem else 'MISSED'} <= 1x)")
         rows = N_PROMPTS * G
         bound = rows * p["bandwidth_gbs"] * 1e9 / (p["weight_mb"] * 2**20)
         print(f"\nrollout tokens/s: posttrain {p['rollout_tokens_per_s']:.0f} | plain model.generate (LoRA unmerged) "
