@@ -26,7 +26,10 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    """Whole trainable weights (gathered from FSDP2/ZeRO-3 shards: a collective, every rank calls it)."""
+    from posttrain.distributed import full_trainable_state
+
+    return full_trainable_state(model)
 
 
 def rng_state() -> dict:
@@ -46,7 +49,12 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, state: dict,
                     keep: int = 2, rank: int = 0) -> Path | None:
-    """Write checkpoint ``step`` atomically (only rank 0 writes; all ranks' RNG states are saved by rank)."""
+    """Write checkpoint ``step`` atomically (rank 0 writes; all ranks' RNG states, and optimizer states when they
+    are sharded (FSDP2, DeepSpeed), are saved by rank). Every rank calls it."""
+    from posttrain.distributed import sharded_optimizer
+
+    weights = trainable_state(model)
+    per_rank_optimizer = sharded_optimizer(model)
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -54,12 +62,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        if not per_rank_optimizer:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     rng_path = (tmp if rank == 0 else root) / f"rng-{rank}.pt"
     torch.save(rng_state(), rng_path)
+    if per_rank_optimizer:
+        torch.save(optimizer.state_dict(), (tmp if rank == 0 else root) / f"optimizer-{rank}.pt")
     if rank != 0:
         return None
     if final.exists():
@@ -71,12 +82,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
 
 
 def collect_rank_rng(run_dir: str | Path, step: int, world: int) -> None:
-    """Move the other ranks' RNG files into checkpoint ``step`` (called by rank 0 after a barrier)."""
+    """Move the other ranks' RNG (and sharded optimizer) files into checkpoint ``step`` (called by rank 0 after a
+    barrier)."""
     root = checkpoints_dir(run_dir)
     for r in range(1, world):
-        src = root / f"rng-{r}.pt"
-        if src.exists():
-            src.replace(root / f"step-{step}" / f"rng-{r}.pt")
+        for name in (f"rng-{r}.pt", f"optimizer-{r}.pt"):
+            src = root / name
+            if src.exists():
+                src.replace(root / f"step-{step}" / name)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -99,10 +112,13 @@ def load_checkpoint(run_dir: str | Path, model, optimizer, scheduler, rank: int 
     missing = [n for n in weights if n not in params]
     if missing:
         raise RuntimeError(f"checkpoint {path} does not match the model (e.g. {missing[0]}): was the recipe changed?")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    from posttrain.distributed import load_trainable_state
+
+    load_trainable_state(model, weights)
+    optim_file = path / f"optimizer-{rank}.pt"
+    if not optim_file.exists():
+        optim_file = path / "optimizer.pt"
+    optimizer.load_state_dict(torch.load(optim_file, weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng-{rank}.pt"
     if rng_file.exists():

@@ -39,6 +39,8 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     device: str = "auto"
+    backend: Literal["hf", "unsloth"] = Field(
+        "hf", description="hf: transformers + PEFT; unsloth: Unsloth's FastLanguageModel (extra [unsloth], one GPU)")
 
 
 class LoraConfig(Section):

@@ -57,6 +57,9 @@ from posttrain.grpo_data import (PromptStream, build_rewards, collect_groups, lo
                                  reward_metrics)
 from posttrain.grpo_losses import (aggregate_loss, clip_fractions, group_advantages, masked_mean, per_token_grpo_loss,
                                    selective_log_softmax, zero_std_groups)
+from posttrain.grpo_losses import truncated_importance_weights
+from posttrain.distributed import (GatheredRollouts, accelerator_kwargs, accumulation, backward, check_launch,
+                                   finish_step, full_trainable_state, prepare, sharded_optimizer)
 from posttrain.models import decoder_and_head, load_model, resolve_device
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.rollout import SamplingParams
@@ -181,6 +184,10 @@ def pack_micro_batch(items: list[dict], pad_id: int, device, share_prompts: bool
     mask = torch.zeros((len(items), T))
     for b, it in enumerate(items):
         mask[b, :it["length"]] = it["mask"]
+    if all(it.get("sample_logps") is not None for it in items):  # the rollout engine's log-probs (TIS)
+        out["sample_logps"] = torch.zeros((len(items), T))
+        for b, it in enumerate(items):
+            out["sample_logps"][b, :it["length"]] = it["sample_logps"]
     out.update(rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets), mask=mask,
                adv=torch.tensor([it["advantage"] for it in items]))
     return {k: v.to(device) for k, v in out.items()}
@@ -205,7 +212,8 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     from accelerate import Accelerator
 
     device = resolve_device(cfg.model.device)
-    accelerator = Accelerator(cpu=not device.startswith("cuda"))
+    accelerator = Accelerator(cpu=not device.startswith("cuda"), **accelerator_kwargs(cfg.train.grad_accum))
+    check_launch(accelerator, variable_micro_batches=cfg.grpo.dynamic_sampling)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = str(accelerator.device) if world > 1 else device
     g, t = cfg.grpo, cfg.train
@@ -218,7 +226,15 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     random.seed(t.seed)
 
     # ---- setup: model, prompts, rewards, optimizer, rollout engine
-    model, tok = load_policy(cfg, verbose=is_main)
+    if cfg.model.backend == "unsloth":
+        from posttrain.unsloth_backend import load_unsloth
+
+        if cfg.init_adapter:
+            raise UserError("init_adapter with model.backend=unsloth is not supported; use model.backend=hf")
+        model, tok = load_unsloth(cfg.model, cfg.lora, max_seq_length=cfg.data.max_length, seed=t.seed,
+                                  num_processes=world, verbose=is_main)
+    else:
+        model, tok = load_policy(cfg, verbose=is_main)
     prompts, pstats = prepare_prompts(cfg, tok, rows)
     rewards, reward_problems = build_rewards(cfg, tok, reward_funcs)
     if is_main:
@@ -239,8 +255,17 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     if is_main:
         print(f"[posttrain] compute: decoder layers in {str(compute or next(model.parameters()).dtype)[6:]}, "
               f"head and log-softmax in {str(decoder_and_head(model)[1].weight.dtype)[6:]}")
-    policy = accelerator.prepare(PolicyLogps(model, g.temperature, t.loss_chunk_size, compute))
-    engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows, compute_dtype=compute)
+    policy, optimizer, scheduler = prepare(accelerator, PolicyLogps(model, g.temperature, t.loss_chunk_size, compute),
+                                           optimizer, scheduler)
+    if g.rollout_backend == "vllm":
+        from posttrain.rollout.vllm import build_training_engine
+
+        engine = build_training_engine(cfg, model, tok, accelerator, run_dir, g.vllm.max_model_len or cfg.data.max_length,
+                                       prepared=policy)
+    else:
+        engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows, compute_dtype=compute)
+        if sharded_optimizer(model):  # FSDP2 / ZeRO-3: decode with whole weights
+            engine = GatheredRollouts(engine, policy)
     sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p,
                               max_new_tokens=max_completion, stop_token_ids=engine.default_stop_ids(),
                               stop_strings=tuple(g.stop_strings), ignore_eos=g.ignore_eos, seed=t.seed)
@@ -290,6 +315,8 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
         stats, grad_norm, lr = update_policy(policy, model, ref_model, batches, optimizer, scheduler, cfg, accelerator,
                                              max_completion, dummy, step)
         t_train = time.perf_counter() - t_train
+        if hasattr(engine, "push_weights"):  # vLLM: the next rollout loads the updated weights
+            engine.push_weights()
 
         # ---- what users watch
         done = step + 1
@@ -329,8 +356,9 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     logger.close()
     accelerator.wait_for_everyone()
     out = run_dir
+    state = full_trainable_state(model) if sharded_optimizer(model) else None  # a collective: every rank
     if is_main:
-        out = save_final(accelerator.unwrap_model(policy).model, tok, run_dir, is_peft)
+        out = save_final(accelerator.unwrap_model(policy).model, tok, run_dir, is_peft, state)
         print(f"[posttrain] saved {out}")
     return out
 
@@ -355,13 +383,16 @@ def update_policy(policy, model, ref_model, batches: list[dict], optimizer, sche
         loss_sum = 0.0
         for j, b in enumerate(batches):
             sync = j == len(batches) - 1
-            with nullcontext() if sync or world == 1 else accelerator.no_sync(policy):
+            with accumulation(accelerator, policy, sync):
                 flat_lp, flat_ent = policy(b, entropy_grad=g.entropy_coef > 0)
                 logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
                 if old[j] is None:  # first iteration: the policy that sampled (see the module docstring)
                     old[j] = logps.detach()
+                is_w = (truncated_importance_weights(old[j], b["sample_logps"], g.importance_sampling_cap, b["mask"])
+                        if g.importance_sampling_cap and "sample_logps" in b else None)
                 ptl, ratio, kl = per_token_grpo_loss(logps, old[j], b["adv"], ref_logps=ref[j], beta=g.beta,
-                                                     epsilon_low=g.epsilon, epsilon_high=g.epsilon_high)
+                                                     epsilon_low=g.epsilon, epsilon_high=g.epsilon_high,
+                                                     is_weights=is_w)
                 loss = aggregate_loss(ptl, b["mask"], g.loss_type, max_completion_length=max_completion,
                                       num_items=num_items)
                 if g.loss_type != "dapo":
@@ -370,7 +401,7 @@ def update_policy(policy, model, ref_model, batches: list[dict], optimizer, sche
                     loss = loss - g.entropy_coef * masked_mean(ent, b["mask"]) / len(batches)
                 if dummy:
                     loss = loss * 0.0
-                accelerator.backward(loss)
+                backward(accelerator, loss)
             loss_sum += float(loss.detach())
             if not dummy:
                 n = float(b["mask"].sum())
@@ -381,12 +412,7 @@ def update_policy(policy, model, ref_model, batches: list[dict], optimizer, sche
         if not math.isfinite(loss_sum):
             raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged. Lower train.lr "
                             f"(now {t.lr}), check the rewards, or resume from the last checkpoint")
-        params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = finish_step(accelerator, model, optimizer, scheduler, t.max_grad_norm)
         stats["loss"] += loss_sum / g.num_iterations
     return stats, grad_norm, lr
 

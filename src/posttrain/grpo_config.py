@@ -15,6 +15,24 @@ from pydantic import Field, field_validator, model_validator
 from posttrain.config import DataConfig, LoraConfig, ModelConfig, Section, TrainConfig
 
 
+class VLLMConfig(Section):
+    """The vLLM rollout engine (grpo.rollout_backend=vllm; extra [vllm], CUDA only). See docs/scale-out.md."""
+
+    mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: an engine in each training process on its GPU; server: vLLM's OpenAI "
+                                "server on other GPUs/nodes (LoRA only)")
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0,
+                                          description="colocate: fraction of the GPU's memory vLLM may take")
+    enable_sleep_mode: bool = Field(True, description="colocate: release vLLM's memory between rollouts")
+    tensor_parallel_size: int = Field(1, ge=1, description="colocate: processes sharing one engine")
+    max_model_len: int | None = Field(None, ge=8, description="default: data.max_length")
+    server_host: str = "127.0.0.1"
+    server_port: int = Field(8000, ge=1, le=65535)
+    server_timeout: float = Field(240.0, gt=0.0)
+    adapter_dir: str | None = Field(None, description="server: where each step's adapter is saved for the server "
+                                                      "to load (a shared filesystem); default OUTPUT/vllm_adapters")
+
+
 class GRPOConfig(Section):
     # sampling
     num_generations: int = Field(8, description="completions per prompt (the group size G); at least 2")
@@ -49,7 +67,11 @@ class GRPOConfig(Section):
                             "log-softmax stay in float32 with float32 weights. auto: bfloat16 on CUDA with bf16 "
                             "and on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
     # rollout engine
-    rollout_backend: Literal["hf"] = "hf"
+    rollout_backend: Literal["hf", "vllm"] = Field("hf", description="hf: our transformers decode loop; vllm: see vllm")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    importance_sampling_cap: float | None = Field(
+        None, gt=0.0, description="truncated importance sampling: weight each token's policy loss by "
+                                  "min(exp(logp_train - logp_sampler), cap) (TRL/verl use 2-3); off by default")
     rollout_max_rows: int | None = Field(None, ge=1, description="completions decoded together; default all")
     merge_lora: Literal["auto", "inplace", "backup", "none"] = "auto"
     # what users watch

@@ -190,6 +190,7 @@ def score_groups(ro, batch_prompts: list[dict], rewards, problems: list[str], to
         rows = range(gi * G, (gi + 1) * G)
         items = [{"prompt": ro.prompt_of(i), "completion": ids[i], "length": lengths[i],
                   "mask": mask[i, :lengths[i]],
+                  "sample_logps": ro.logprobs[i, :lengths[i]] if ro.logprobs is not None else None,
                   "text": ro.texts[i], "finish": ro.finish_reasons[i], "truncated": truncated[i]} for i in rows]
         groups.append({"items": items, "rewards": [values[i] for i in rows], "zero_std": zero[gi],
                        "per_reward": {k: [per_reward[k][i] for i in rows] for k in per_reward},

@@ -141,11 +141,29 @@ def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
     return -torch.min(ratio * adv, clipped * adv), ratio
 
 
+def truncated_importance_weights(train_logps: torch.Tensor, sampler_logps: torch.Tensor, cap: float,
+                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Truncated importance sampling (TIS) weights for tokens sampled by an inference engine (vLLM) whose
+    log-probabilities differ from the trainer's: ``w = min(exp(logp_train_old - logp_sampler), cap)`` per token,
+    detached (a constant factor on the policy loss, as TRL's ``token_truncate`` mode and verl's TIS). Tokens
+    outside ``mask`` get weight 1."""
+    if cap <= 0:
+        raise ValueError("cap must be positive")
+    w = torch.exp((train_logps - sampler_logps).detach().float()).clamp(max=cap)
+    if mask is not None:
+        w = torch.where(mask.bool(), w, torch.ones_like(w))
+    return w
+
+
 def per_token_grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, *,
                         ref_logps: torch.Tensor | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
-                        epsilon_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Clipped surrogate plus ``beta`` times the k3 KL to the reference. Returns ``(loss, ratio, kl or None)``."""
+                        epsilon_high: float | None = None, is_weights: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Clipped surrogate (times the importance weights ``is_weights`` when given: TIS) plus ``beta`` times the k3
+    KL to the reference. Returns ``(loss, ratio, kl or None)``."""
     loss, ratio = clipped_surrogate(logps, old_logps, advantages, epsilon_low, epsilon_high)
+    if is_weights is not None:
+        loss = loss * is_weights
     kl = None
     if beta != 0.0:
         if ref_logps is None:

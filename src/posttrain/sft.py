@@ -33,6 +33,8 @@ import torch
 from posttrain.checkpoint import collect_rank_rng, load_checkpoint, save_checkpoint
 from posttrain.config import SFTRecipe, save_recipe
 from posttrain.data.tokenize import prepare_sft_data
+from posttrain.distributed import (accelerator_kwargs, accumulation, backward, check_launch, finish_step,
+                                   full_trainable_state, prepare, sharded_optimizer)
 from posttrain.errors import UserError
 from posttrain.losses import IGNORE_INDEX, chunked_cross_entropy_sum, shift_labels, shift_labels_packed
 from posttrain.models import decoder_and_head, load_model, resolve_device
@@ -173,15 +175,16 @@ def _inputs(batch: dict, device: str):
             batch["position_ids"].to(device), batch["labels"].to(device))
 
 
-def save_final(model, tokenizer, run_dir: Path, is_peft: bool) -> Path:
-    """The adapter (or full model) and the tokenizer with its chat template, written atomically."""
+def save_final(model, tokenizer, run_dir: Path, is_peft: bool, state_dict: dict | None = None) -> Path:
+    """The adapter (or full model) and the tokenizer with its chat template, written atomically.
+    ``state_dict``: whole trainable weights gathered from sharded parameters (FSDP2, ZeRO-3)."""
     name = "adapter" if is_peft else "model"
     final = run_dir / name
     tmp = run_dir / f".tmp-{name}"
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -196,7 +199,8 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
     from accelerate import Accelerator
 
     device = resolve_device(cfg.model.device)
-    accelerator = Accelerator(cpu=not device.startswith("cuda"))
+    accelerator = Accelerator(cpu=not device.startswith("cuda"), **accelerator_kwargs(cfg.train.grad_accum))
+    check_launch(accelerator)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = str(accelerator.device) if world > 1 else device
     run_dir = Path(cfg.output_dir)
@@ -206,7 +210,13 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
-    model, tok = load_model(cfg.model, cfg.lora, verbose=is_main)
+    if cfg.model.backend == "unsloth":
+        from posttrain.unsloth_backend import load_unsloth
+
+        model, tok = load_unsloth(cfg.model, cfg.lora, max_seq_length=cfg.data.max_length, seed=cfg.train.seed,
+                                  num_processes=world, verbose=is_main)
+    else:
+        model, tok = load_model(cfg.model, cfg.lora, verbose=is_main)
     train_set, val_set, stats = prepare_sft_data(cfg.data, tok)
     if is_main:
         print(f"[posttrain] data: {stats.summary()}")
@@ -222,7 +232,8 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
 
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    loss_module = accelerator.prepare(LossModule(model, cfg.train.loss_chunk_size))
+    loss_module, optimizer, scheduler = prepare(accelerator, LossModule(model, cfg.train.loss_chunk_size), optimizer,
+                                                scheduler)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and
                 next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
 
@@ -260,22 +271,16 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
         loss_sum = 0.0
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1
-            with (nullcontext() if sync or world == 1 else accelerator.no_sync(loss_module)), autocast:
+            with accumulation(accelerator, loss_module, sync), autocast:
                 loss = loss_module(*_inputs(batch, device)) * (world / global_targets)
-                accelerator.backward(loss)
+                backward(accelerator, loss)
             loss_sum += float(loss.detach()) / world
         if world > 1:
             loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=device), reduction="sum"))
         if not math.isfinite(loss_sum):
             raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged (no checkpoint written for it). "
                             f"Lower train.lr (now {cfg.train.lr}), check the data, or resume from the last checkpoint")
-        params = [p for p in model.parameters() if p.requires_grad]
-        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = finish_step(accelerator, model, optimizer, scheduler, cfg.train.max_grad_norm)
         dt = time.perf_counter() - t0
 
         metrics = {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "epoch": step / steps_per_epoch,
@@ -302,7 +307,8 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
     logger.close()
     accelerator.wait_for_everyone()
     out = run_dir
+    state = full_trainable_state(model) if sharded_optimizer(model) else None  # a collective: every rank
     if is_main:
-        out = save_final(accelerator.unwrap_model(loss_module).model, tok, run_dir, cfg.lora is not None)
+        out = save_final(accelerator.unwrap_model(loss_module).model, tok, run_dir, cfg.lora is not None, state)
         print(f"[posttrain] saved {out}")
     return out

@@ -1,0 +1,144 @@
+"""The vLLM backend's pure pieces, without vLLM (it is CUDA-only and not installable here): sampling settings
+mapped one to one, per-completion seeds, the OpenAI server request and its parsing, outputs -> Rollouts, the
+merged weights pushed to the engine, the engine's arguments, the config section, and the missing-vLLM error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from posttrain.config import ConfigError, load_recipe
+from posttrain.errors import UserError
+from posttrain.grpo_config import GRPORecipe, VLLMConfig
+from posttrain.rollout import SamplingParams
+from posttrain.rollout.hf import _mix
+from posttrain.rollout.vllm import (build_rollouts, completion_request, completion_seeds, llm_kwargs,
+                                    merged_named_weights, parse_completion_choice, sampling_kwargs, vllm_weight_name)
+
+# vllm.SamplingParams' documented constructor arguments that the mapping may use (docs.vllm.ai, sampling params)
+VLLM_SAMPLING_ARGS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+                      "max_tokens", "logprobs", "include_stop_str_in_output", "skip_special_tokens"}
+
+
+def test_sampling_settings_map_one_to_one():
+    sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_new_tokens=123,
+                        stop_token_ids=(151645, 151643), stop_strings=("</SOLUTION>",), include_stop_str_in_output=True,
+                        ignore_eos=False, seed=11, logprobs=True)
+    kw = sampling_kwargs(sp, seed=99, n=1)
+    assert set(kw) <= VLLM_SAMPLING_ARGS
+    assert kw == {"n": 1, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "seed": 99, "max_tokens": 123,
+                  "stop": ["</SOLUTION>"], "stop_token_ids": [151645, 151643], "include_stop_str_in_output": True,
+                  "ignore_eos": False, "logprobs": 0, "skip_special_tokens": True}
+
+
+def test_filters_off_and_no_logprobs():
+    kw = sampling_kwargs(SamplingParams(top_k=0, ignore_eos=True, logprobs=False), seed=None)
+    assert kw["top_k"] == -1 and kw["top_p"] == 1.0 and kw["min_p"] == 0.0  # vLLM's "off" values
+    assert kw["stop"] is None and kw["stop_token_ids"] is None and kw["ignore_eos"] is True
+    assert kw["logprobs"] is None and kw["seed"] is None
+    assert sampling_kwargs(SamplingParams(temperature=0.0), seed=1)["temperature"] == 0.0  # greedy stays greedy
+
+
+def test_completion_seeds_are_the_transformers_backends_keys():
+    seeds = completion_seeds(7, [3, 5], 2)
+    assert seeds == [_mix(7, 3, 0), _mix(7, 3, 1), _mix(7, 5, 0), _mix(7, 5, 1)]
+    assert len(set(seeds)) == 4
+    # a prompt's completions do not depend on which other prompts share the batch
+    assert completion_seeds(7, [5], 2) == seeds[2:]
+    assert completion_seeds(8, [3], 1) != seeds[:1]
+
+
+def test_openai_request_and_response():
+    sp = SamplingParams(temperature=1.0, top_k=0, min_p=0.1, max_new_tokens=8, stop_token_ids=(2,), seed=0)
+    body = completion_request(sp, [5, 6, 7], "posttrain-3", seed=42)
+    assert body["model"] == "posttrain-3" and body["prompt"] == [5, 6, 7] and body["n"] == 1
+    assert body["seed"] == 42 and body["top_k"] == -1 and body["min_p"] == 0.1 and body["max_tokens"] == 8
+    assert body["stop_token_ids"] == [2] and body["return_tokens_as_token_ids"] is True and body["logprobs"] == 0
+    assert "stop" not in body  # None values are left out
+    choice = {"text": " 12", "finish_reason": "stop",
+              "logprobs": {"tokens": ["token_id:220", "token_id:16", "token_id:2"],
+                           "token_logprobs": [-0.5, -1.25, None]}}
+    assert parse_completion_choice(choice) == ([220, 16, 2], [-0.5, -1.25, 0.0], " 12", "stop")
+    ids, _, _, finish = parse_completion_choice({"text": "", "finish_reason": "length", "logprobs": {"tokens": []}})
+    assert ids == [] and finish == "length"
+    with pytest.raises(UserError, match="return_tokens_as_token_ids"):
+        parse_completion_choice({"text": "a", "logprobs": {"tokens": ["a"], "token_logprobs": [-1.0]}})
+
+
+def test_outputs_become_grouped_padded_rollouts():
+    ro = build_rollouts([[1, 2], [3]], 2, [[10, 11, 12], [10], [20, 21], [22]], [[-1.0, -2.0, -3.0], [-0.5],
+                        [-0.1, -0.2], [-0.3]], ["a", "b", "c", "d"], ["stop", "length", "stop", "stop"], pad_id=0)
+    assert ro.completion_ids.tolist() == [[10, 11, 12], [10, 0, 0], [20, 21, 0], [22, 0, 0]]
+    assert ro.lengths.tolist() == [3, 1, 2, 1]
+    assert ro.logprobs[1].tolist() == [-0.5, 0.0, 0.0]
+    assert ro.truncated.tolist() == [False, True, False, False]
+    assert ro.prompt_of(3) == [3] and ro.stats["tokens"] == 7
+
+
+def test_weight_names_follow_the_checkpoint():
+    assert vllm_weight_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
+        "model.layers.0.self_attn.q_proj.weight"
+    assert vllm_weight_name("model.layers.1._checkpoint_wrapped_module.mlp.up_proj.weight") == \
+        "model.layers.1.mlp.up_proj.weight"
+
+
+def test_merged_weights_equal_peft_merge_and_unload(tiny_qwen3):
+    """What is pushed to vLLM is the merged model: same names as the plain checkpoint, same values as PEFT's merge."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.config import LoraConfig
+    from posttrain.models import apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a trained adapter (B starts at zero)
+    pushed = dict(merged_named_weights(model))
+    base = {vllm_weight_name(n): p.detach().clone() for n, p in model.named_parameters() if "lora" not in n}
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())  # training weights untouched
+    reference = dict(model.merge_and_unload().named_parameters())
+    assert set(pushed) == set(reference)
+    changed = 0
+    for n, t in pushed.items():
+        assert torch.allclose(t, reference[n], atol=1e-6), n
+        changed += not torch.equal(t, base[n])
+    assert changed == 7 * len([n for n in pushed if n.endswith("q_proj.weight")])  # the seven LoRA targets per layer
+
+
+def test_engine_arguments():
+    cfg = VLLMConfig(gpu_memory_utilization=0.4, tensor_parallel_size=2)
+    kw = llm_kwargs("Qwen/Qwen3-4B-Base", cfg, world=4, rank=3, max_model_len=2048, dtype="bfloat16", seed=5)
+    assert kw["gpu_memory_utilization"] == 0.4 and kw["enable_sleep_mode"] is True and kw["max_model_len"] == 2048
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["seed"] == 5 + 1  # one seed per TP group
+    assert kw["logprobs_mode"] == "processed_logprobs"
+    assert "distributed_executor_backend" not in llm_kwargs("m", VLLMConfig(), world=1, rank=0, max_model_len=None,
+                                                            dtype="auto")
+    with pytest.raises(UserError, match="tensor_parallel_size=2 must divide"):
+        llm_kwargs("m", cfg, world=3, rank=0, max_model_len=None, dtype="auto")
+
+
+def test_config_section():
+    base = ["model.name=m", "data.path=d"]
+    cfg = load_recipe(None, base + ["grpo.rollout_backend=vllm", "grpo.vllm.mode=server", "grpo.vllm.server_port=8001",
+                                    "grpo.importance_sampling_cap=2.0"], cls=GRPORecipe)
+    assert cfg.grpo.vllm.mode == "server" and cfg.grpo.vllm.server_port == 8001
+    assert cfg.grpo.importance_sampling_cap == 2.0
+    assert load_recipe(None, base, cls=GRPORecipe).grpo.importance_sampling_cap is None  # off by default
+    with pytest.raises(ConfigError, match=r"unknown key 'grpo.vllm.gpu_mem'; valid keys here: .*gpu_memory_utilization"):
+        load_recipe(None, base + ["grpo.vllm.gpu_mem=0.5"], cls=GRPORecipe)
+    with pytest.raises(ConfigError, match="grpo.rollout_backend"):
+        load_recipe(None, base + ["grpo.rollout_backend=sglang"], cls=GRPORecipe)
+
+
+def test_missing_vllm_names_the_extra():
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "from posttrain.rollout.vllm import require_vllm\n"
+            "require_vllm()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "UserError" in res.stderr and "pip install 'posttrain[vllm]'" in res.stderr
