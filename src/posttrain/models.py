@@ -159,10 +159,13 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
         from transformers import BitsAndBytesConfig
 
         compute = dtype if dtype != torch.float32 or device == "cpu" else torch.float32
+        # under FSDP the 4-bit weights are stored as the model dtype so they can be sharded (docs/scale-out.md)
+        storage = dtype if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else torch.uint8
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)
-        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)
+        # each process of a multi-GPU launch loads onto its own GPU (accelerate has set the current device)
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:

@@ -142,3 +142,13 @@ def test_missing_vllm_names_the_extra():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode != 0
     assert "UserError" in res.stderr and "pip install 'posttrain[vllm]'" in res.stderr
+
+
+def test_eval_with_the_vllm_backend_names_the_extra_here(tiny_qwen3, tmp_path):
+    """No vLLM (or no GPU) on this machine: `posttrain eval --backend vllm` stops with one line naming the fix."""
+    code = ("import sys; sys.modules['vllm'] = None\nfrom posttrain.cli import main\n"
+            f"sys.exit(main(['eval', '--model', '{tiny_qwen3}', '--benchmark', 'synthetic', '--limit', '2', "
+            f"'--backend', 'vllm', '--out', '{tmp_path / 'e'}', '--no-progress']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "pip install 'posttrain[vllm]'" in res.stderr and "Traceback" not in res.stderr

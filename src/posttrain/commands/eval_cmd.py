@@ -68,6 +68,10 @@ def add_parser(sub) -> None:
                    help="score the last number when the answer is missing (still counted as a format failure)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers generate; vllm: vLLM (pip install 'posttrain[vllm]', CUDA only; an adapter "
+                        "is served with LoRARequest). See docs/scale-out.md")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm: its share of GPU memory")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -161,12 +165,26 @@ def run(args) -> int:
 
     results = []
     for (model_name, adapter), label in zip(pairs, labels):
-        model, tok = load_for_eval(model_name, adapter, args.device, args.dtype)
+        generate_fn = None
+        if getattr(args, "backend", "hf") == "vllm":
+            from posttrain.config import ModelConfig
+            from posttrain.models import load_tokenizer, resolve_source
+            from posttrain.rollout.vllm import VLLMEvalGenerator
+
+            source, _ = resolve_source(ModelConfig(name=model_name))
+            path = resolve_adapter(adapter) if adapter else None
+            model = VLLMEvalGenerator(source, str(path) if path else None, dtype=args.dtype,
+                                      gpu_memory_utilization=args.gpu_memory_utilization)
+            tok = load_tokenizer(str(path) if path and (path / "tokenizer_config.json").is_file() else source)
+            generate_fn = model.generate
+        else:
+            model, tok = load_for_eval(model_name, adapter, args.device, args.dtype)
         model_id = model_name + (f" + {adapter}" if adapter else "")
         for bench in benches:
             out = root if single and args.out else root / _slug(label) / bench.name
             print(f"[posttrain] {label} on {bench.name} ({len(bench)} problems from {bench.source}) -> {out}")
-            m = evaluate(model, tok, bench, settings, out_dir=out, model_id=model_id, progress=not args.no_progress)
+            m = evaluate(model, tok, bench, settings, out_dir=out, model_id=model_id, progress=not args.no_progress,
+                         generate_fn=generate_fn)
             print(f"[posttrain] {label}: " + metrics_line(m))
             for field in ("subject", "level"):
                 if field in m.get("by", {}):

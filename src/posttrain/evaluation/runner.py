@@ -156,9 +156,11 @@ def _score(pool, style, settings: EvalSettings, items: list[tuple[Problem, int, 
 
 
 def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalSettings | None = None, *,
-             out_dir: str | Path | None = None, model_id: str | None = None, progress: bool = True) -> dict:
+             out_dir: str | Path | None = None, model_id: str | None = None, progress: bool = True,
+             generate_fn=None) -> dict:
     """Evaluate ``model`` on ``benchmark``; returns the metrics dict (also written to ``out_dir/metrics.json``
-    with one row per sample in ``out_dir/samples.jsonl`` when ``out_dir`` is given)."""
+    with one row per sample in ``out_dir/samples.jsonl`` when ``out_dir`` is given). ``generate_fn`` replaces
+    :func:`posttrain.evaluation.generation.generate` (same call; e.g. the vLLM backend's)."""
     from posttrain.rewards import VerifierPool
 
     settings = settings or EvalSettings()
@@ -197,7 +199,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalSettings | No
             completions = []
             for c in range(0, len(seqs), settings.batch_size):
                 chunk = seqs[c: c + settings.batch_size]
-                completions += generate(
+                completions += (generate_fn or generate)(
                     model, tokenizer, [prompts[p.id] for p, _ in chunk], max_new_tokens=settings.max_new_tokens,
                     temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, stop=stops,
                     seed=_problem_seed(settings.seed, chunk[0][0].id) if settings.temperature > 0 else None)
