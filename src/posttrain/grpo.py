@@ -86,8 +86,13 @@ def load_policy(cfg: GRPORecipe, verbose: bool = True):
             raise UserError(f"init_adapter={path} has r={saved.get('r')}, alpha={saved.get('lora_alpha')} but the lora: "
                             f"section says r={cfg.lora.r}, alpha={cfg.lora.alpha}; continuing an adapter keeps its "
                             "shape: make them match, set lora=null, or use init_adapter_mode=merge for a new adapter")
-        model, tok = load_model(cfg.model, None, verbose=verbose)
-        return PeftModel.from_pretrained(model, str(path), is_trainable=True), tok
+        model, tok = load_model(cfg.model, None, verbose=verbose, summary=False)
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+        if verbose:
+            from posttrain.models import trainable_summary
+
+            print(f"[posttrain] continuing the adapter {path}: " + trainable_summary(model))
+        return model, tok
     if cfg.lora is None:
         raise UserError("init_adapter_mode=merge trains a new adapter on the merged model: give a lora: section")
     base, tok = load_model(cfg.model, None, for_training=False, verbose=verbose)

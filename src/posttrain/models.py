@@ -132,7 +132,8 @@ def load_tokenizer(source: str, gguf_file: str | None = None, revision: str | No
     return tok
 
 
-def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training: bool = True, verbose: bool = True):
+def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training: bool = True, verbose: bool = True,
+               summary: bool = True):
     """Load (model, tokenizer) as the config says. With ``lora`` the model is a PEFT model whose base
     weights are frozen; without it every parameter trains (full fine-tuning)."""
     import torch
@@ -183,7 +184,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
     if verbose:
         print(f"[posttrain] loaded {cfg.name} ({source}) dtype={str(dtype).replace('torch.', '')} attn={attn} "
               f"device={device} in {time.perf_counter() - t0:.1f}s")
-        if for_training:
+        if for_training and summary:
             print("[posttrain] " + trainable_summary(model))
     return model, tok
 
