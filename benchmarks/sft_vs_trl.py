@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 SEED = 3407
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_rows(n: int, seed: int, split: str) -> list[dict]:
@@ -83,7 +84,9 @@ def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
     # posttrain_mb4 / _mb2 run each batch of 8 as micro-batches of 4 / 2 (token-normalized accumulation:
     # the same update, see tests/integration/test_sft.py::test_grad_accumulation_equals_one_big_batch)
     micro = {"posttrain_mb4": 4, "posttrain_mb2": 2}.get(args.worker, args.batch)
-    cfg = load_recipe(None, [
+    same = args.worker.endswith("_same")  # the loss check: one shared initial adapter, one batch = all the data
+    extra = [f"init_adapter={Path(args.workdir) / 'init_adapter'}", "data.val_size=0"] if same else []
+    cfg = load_recipe(None, extra + [
         "model.name=smollm2-135m-instruct", f"data.path={train_file}", "data.format=prompt_completion",
         "data.template=tokenizer", "data.max_length=512", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
         f"train.batch_size={micro}", f"train.grad_accum={args.batch // micro}", f"train.max_steps={args.steps}", "train.lr=2e-4",
@@ -102,7 +105,23 @@ def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
     model = PeftModel.from_pretrained(base, str(model_out))
     return {"tokens": sum(r["tokens"] for r in measured), "seconds": sum(r["step_time"] for r in measured),
             "train_loss": rows[-1]["loss"], "padding_pct": sum(r["padding_pct"] for r in rows) / len(rows),
-            "heldout_loss": heldout_loss(model, tok, held), "steps": len(rows), "peak_rss_mb": peak}
+            "heldout_loss": heldout_loss(model, tok, held), "steps": len(rows), "peak_rss_mb": peak,
+            "losses": [r["loss"] for r in rows], "step_tokens": [r["tokens"] for r in rows]}
+
+
+def make_init_adapter(out: Path) -> None:
+    """The loss check's shared starting point: a seeded LoRA r 16 adapter on all seven projections, saved once."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.config import ModelConfig
+    from posttrain.models import load_model
+
+    model, _ = load_model(ModelConfig(name="smollm2-135m-instruct"), None, for_training=False, verbose=False)
+    torch.manual_seed(SEED)
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                            target_modules=SEVEN))
+    peft.save_pretrained(str(out))
 
 
 def worker_trl(args, train_file: Path, held: list[dict], tuned: bool) -> dict:
@@ -119,14 +138,19 @@ def worker_trl(args, train_file: Path, held: list[dict], tuned: bool) -> dict:
     model.train()
     rows = [json.loads(l) for l in train_file.read_text().splitlines()]
     steps = args.steps if tuned else args.trl_default_steps
+    same = args.worker.endswith("_same")
+    if same:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(Path(args.workdir) / "init_adapter"), is_trainable=True)
     kwargs = dict(bf16=False, gradient_checkpointing=False) if tuned else {}
     config = SFTConfig(output_dir=str(Path(args.workdir) / ("trl-tuned" if tuned else "trl-default")),
                        use_cpu=True, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                        max_steps=steps, learning_rate=2e-4, warmup_steps=0, lr_scheduler_type="linear",
                        max_grad_norm=1.0, seed=SEED, logging_steps=1, report_to="none", save_strategy="no",
                        max_length=512, completion_only_loss=True, dataloader_num_workers=0, **kwargs)
-    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_cfg = None if same else LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                            target_modules=SEVEN)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=peft_cfg)
     tokens_per_batch: list[int] = []
@@ -163,20 +187,59 @@ def worker_trl(args, train_file: Path, held: list[dict], tuned: bool) -> dict:
         held_loss = heldout_loss(trainer.model, tok, held)
     return {"tokens": sum(tokens_per_batch[i] for i in measured), "seconds": sum(times[i] for i in measured),
             "train_loss": losses[-1] if losses else float("nan"), "heldout_loss": held_loss, "steps": len(times),
-            "padding_pct": float("nan"), "peak_rss_mb": peak}
+            "padding_pct": float("nan"), "peak_rss_mb": peak, "losses": losses,
+            "step_tokens": tokens_per_batch[:len(times)]}
 
 
 def run_worker(args) -> None:
     import torch
 
     torch.manual_seed(SEED)
-    train_file = Path(args.workdir) / "train.jsonl"
+    train_file = Path(args.workdir) / ("same.jsonl" if args.worker.endswith("_same") else "train.jsonl")
     held = [json.loads(l) for l in (Path(args.workdir) / "heldout.jsonl").read_text().splitlines()]
     if args.worker.startswith("posttrain"):
         res = worker_posttrain(args, train_file, held)
     else:
-        res = worker_trl(args, train_file, held, tuned=args.worker == "trl_tuned")
+        res = worker_trl(args, train_file, held, tuned=args.worker in ("trl_tuned", "trl_same"))
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_system(system: str, args, workdir: Path) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", system, "--workdir", str(workdir), "--steps", str(args.steps),
+           "--trl-default-steps", str(args.trl_default_steps), "--batch", str(args.batch)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
+        return None
+    res = json.loads(line[7:])
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"[bench] {system}: {res}", file=sys.stderr, flush=True)
+    return res
+
+
+def loss_check(args, workdir: Path) -> None:
+    """Same initial adapter, same batch every step (all of the data: shuffling cannot change it), same optimizer
+    settings, fp32, no gradient checkpointing: the train losses of posttrain and TRL should agree step by step."""
+    rows = (workdir / "train.jsonl").read_text().splitlines()[:args.batch]
+    (workdir / "same.jsonl").write_text("\n".join(rows) + "\n")
+    make_init_adapter(workdir / "init_adapter")
+    res = {s: run_system(s, args, workdir) for s in ("posttrain_same", "trl_same")}
+    p, t = res["posttrain_same"], res["trl_same"]
+    if not p or not t:
+        sys.exit("a system failed; see above")
+    print(f"\nLoss check: one shared initial LoRA adapter (r 16, seed {SEED}), the same {args.batch} conversations as "
+          f"the batch of every step, lr 2e-4 linear, AdamW, fp32, {args.steps} steps\n")
+    print("| step | trained tokens posttrain / TRL | posttrain loss | TRL loss | difference |")
+    print("|---|---|---|---|---|")
+    for i, (a, b) in enumerate(zip(p["losses"], t["losses"])):
+        tok_t = t["step_tokens"][i] if i < len(t["step_tokens"]) else "?"
+        print(f"| {i + 1} | {p['step_tokens'][i]} / {tok_t} | {a:.4f} | {b:.4f} | {100 * (a / b - 1):+.2f}% |")
+    print(f"| held-out (32 conversations) | | {p['heldout_loss']:.4f} | {t['heldout_loss']:.4f} | "
+          f"{100 * (p['heldout_loss'] / t['heldout_loss'] - 1):+.2f}% |")
+    print("(TRL's token column counts attention-mask tokens of its batch, prompt included; posttrain's counts "
+          "all tokens of the batch too)")
 
 
 def main() -> None:
@@ -188,6 +251,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="run every system this many times, alternating, and keep each one's fastest run "
                          "(a shared machine's load only ever slows a run down)")
+    ap.add_argument("--loss-check", action="store_true",
+                    help="instead of the speed table: posttrain and tuned TRL from one shared initial adapter on one "
+                         "batch (the whole data set, so data order cannot differ), per-step train loss side by side")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -198,6 +264,9 @@ def main() -> None:
     n_train = args.batch * max(args.steps, args.trl_default_steps) * 2
     (workdir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n_train, 1, "train")))
     (workdir / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(32, 2, "test")))
+    if args.loss_check:
+        loss_check(args, workdir)
+        return
     peak = matmul_peak_gflops()
     from posttrain.config import ModelConfig
     from posttrain.models import load_model
@@ -207,17 +276,9 @@ def main() -> None:
     del model
     results = {}
     for system in [s for _ in range(args.rounds) for s in args.systems.split(",")]:
-        cmd = [sys.executable, __file__, "--worker", system, "--workdir", str(workdir), "--steps", str(args.steps),
-               "--trl-default-steps", str(args.trl_default_steps), "--batch", str(args.batch)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
+        res = run_system(system, args, workdir)
+        if res is None:
             continue
-        res = json.loads(line[7:])
-        res["wall_s"] = time.perf_counter() - t0
-        print(f"[bench] {system}: {res}", file=sys.stderr, flush=True)
         old = results.get(system)
         if old is None or res["tokens"] / res["seconds"] > old["tokens"] / old["seconds"]:
             results[system] = res

@@ -118,7 +118,18 @@ class TrainConfig(Section):
         return self
 
 
-class SFTRecipe(Section):
+class StartsFromAdapter(Section):
+    """Recipes that may start from an existing PEFT adapter (an earlier SFT run's ``adapter/``)."""
+
+    init_adapter: str | None = Field(
+        None, description="a PEFT adapter directory to start from (e.g. the SFT run's adapter/)")
+    init_adapter_mode: Literal["continue", "merge"] = Field(
+        "continue", description="continue: train that adapter further (the notebook; the KL reference is the bare "
+                                "base); merge: fold it into the base and train a new lora: adapter (the reference "
+                                "is then the SFT model)")
+
+
+class SFTRecipe(StartsFromAdapter):
     output_dir: str = "runs/sft"
     model: ModelConfig
     lora: LoraConfig | None = Field(default_factory=LoraConfig)

@@ -39,7 +39,6 @@ Departures from the DeepSeekMath paper (GRPO), each TRL's choice too unless said
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -60,7 +59,7 @@ from posttrain.grpo_losses import (aggregate_loss, clip_fractions, group_advanta
 from posttrain.grpo_losses import truncated_importance_weights
 from posttrain.distributed import (GatheredRollouts, accelerator_kwargs, accumulation, backward, check_launch,
                                    finish_step, full_trainable_state, prepare, sharded_optimizer)
-from posttrain.models import decoder_and_head, load_model, resolve_device
+from posttrain.models import decoder_and_head, load_model, load_starting_model, resolve_device
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
@@ -72,34 +71,7 @@ from posttrain.tracking import MetricsLogger
 
 def load_policy(cfg: GRPORecipe, verbose: bool = True):
     """(model, tokenizer); with ``init_adapter`` the SFT adapter is continued or merged (see the config)."""
-    if cfg.init_adapter is None:
-        return load_model(cfg.model, cfg.lora, verbose=verbose)
-    from peft import PeftModel
-
-    path = Path(cfg.init_adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"init_adapter={path}: no adapter_config.json there; give the adapter/ directory of an "
-                        "SFT run (e.g. runs/sft/adapter)")
-    if cfg.init_adapter_mode == "continue":
-        saved = json.loads((path / "adapter_config.json").read_text())
-        if cfg.lora is not None and (saved.get("r"), float(saved.get("lora_alpha", 0))) != (cfg.lora.r, cfg.lora.alpha):
-            raise UserError(f"init_adapter={path} has r={saved.get('r')}, alpha={saved.get('lora_alpha')} but the lora: "
-                            f"section says r={cfg.lora.r}, alpha={cfg.lora.alpha}; continuing an adapter keeps its "
-                            "shape: make them match, set lora=null, or use init_adapter_mode=merge for a new adapter")
-        model, tok = load_model(cfg.model, None, verbose=verbose, summary=False)
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
-        if verbose:
-            from posttrain.models import trainable_summary
-
-            print(f"[posttrain] continuing the adapter {path}: " + trainable_summary(model))
-        return model, tok
-    if cfg.lora is None:
-        raise UserError("init_adapter_mode=merge trains a new adapter on the merged model: give a lora: section")
-    base, tok = load_model(cfg.model, None, for_training=False, verbose=verbose)
-    merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-    from posttrain.models import prepare_for_training
-
-    return prepare_for_training(merged, cfg.model, cfg.lora), tok
+    return load_starting_model(cfg.model, cfg.lora, cfg.init_adapter, cfg.init_adapter_mode, verbose=verbose)
 
 
 class PolicyLogps(torch.nn.Module):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.config import DataConfig, LoraConfig, ModelConfig, Section, TrainConfig
+from posttrain.config import DataConfig, LoraConfig, ModelConfig, Section, StartsFromAdapter, TrainConfig
 
 
 class VLLMConfig(Section):
@@ -97,16 +97,10 @@ class GRPOConfig(Section):
         return self
 
 
-class GRPORecipe(Section):
+class GRPORecipe(StartsFromAdapter):
     output_dir: str = "runs/grpo"
     model: ModelConfig
     lora: LoraConfig | None = Field(default_factory=LoraConfig)
-    init_adapter: str | None = Field(
-        None, description="a PEFT adapter directory to start from (e.g. the SFT run's adapter/)")
-    init_adapter_mode: Literal["continue", "merge"] = Field(
-        "continue", description="continue: train that adapter further (the notebook; the KL reference is the bare "
-                                "base); merge: fold it into the base and train a new lora: adapter (the reference "
-                                "is then the SFT model)")
     data: DataConfig
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, lr=1e-6))
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)

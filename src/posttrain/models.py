@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 from pathlib import Path
@@ -187,6 +188,37 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
         if for_training and summary:
             print("[posttrain] " + trainable_summary(model))
     return model, tok
+
+
+def load_starting_model(cfg: ModelConfig, lora: LoraConfig | None, init_adapter: str | None = None,
+                        mode: str = "continue", *, verbose: bool = True):
+    """(model, tokenizer) for training, optionally starting from a saved PEFT adapter: ``continue`` trains that
+    adapter further (its r and alpha must match ``lora``, or ``lora`` is None); ``merge`` folds it into the base
+    and trains a new ``lora`` adapter on top."""
+    if init_adapter is None:
+        return load_model(cfg, lora, verbose=verbose)
+    from peft import PeftModel
+
+    path = Path(init_adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"init_adapter={path}: no adapter_config.json there; give the adapter/ directory of an "
+                        "SFT run (e.g. runs/sft/adapter)")
+    if mode == "continue":
+        saved = json.loads((path / "adapter_config.json").read_text())
+        if lora is not None and (saved.get("r"), float(saved.get("lora_alpha", 0))) != (lora.r, lora.alpha):
+            raise UserError(f"init_adapter={path} has r={saved.get('r')}, alpha={saved.get('lora_alpha')} but the lora: "
+                            f"section says r={lora.r}, alpha={lora.alpha}; continuing an adapter keeps its "
+                            "shape: make them match, set lora=null, or use init_adapter_mode=merge for a new adapter")
+        model, tok = load_model(cfg, None, verbose=verbose, summary=False)
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+        if verbose:
+            print(f"[posttrain] continuing the adapter {path}: " + trainable_summary(model))
+        return model, tok
+    if lora is None:
+        raise UserError("init_adapter_mode=merge trains a new adapter on the merged model: give a lora: section")
+    base, tok = load_model(cfg, None, for_training=False, verbose=verbose)
+    merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    return prepare_for_training(merged, cfg, lora), tok
 
 
 def prepare_for_training(model, cfg: ModelConfig, lora: LoraConfig | None):

@@ -205,8 +205,8 @@ def _plots(data: dict, plot_dir: Path) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         labels = [e["label"] for e in data["evals"]]
         acc = [100 * e["accuracy"] for e in data["evals"]]
-        err = [[100 * (e["accuracy"] - e["ci95"][0]) for e in data["evals"]],
-               [100 * (e["ci95"][1] - e["accuracy"]) for e in data["evals"]]]
+        err = [[100 * max(0.0, e["accuracy"] - e["ci95"][0]) for e in data["evals"]],
+               [100 * max(0.0, e["ci95"][1] - e["accuracy"]) for e in data["evals"]]]
         ax.bar(range(len(acc)), acc, yerr=err, capsize=6, color="#4c72b0", label="accuracy (95% interval)")
         fmt = [100 * (e["format_rate"] or 0) for e in data["evals"]]
         ax.plot(range(len(fmt)), fmt, "s", color="#dd8452", label="format rate")

@@ -37,7 +37,7 @@ from posttrain.distributed import (accelerator_kwargs, accumulation, backward, c
                                    full_trainable_state, prepare, sharded_optimizer)
 from posttrain.errors import UserError
 from posttrain.losses import IGNORE_INDEX, chunked_cross_entropy_sum, shift_labels, shift_labels_packed
-from posttrain.models import decoder_and_head, load_model, resolve_device
+from posttrain.models import decoder_and_head, load_starting_model, resolve_device
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.tracking import MetricsLogger
 
@@ -216,7 +216,7 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
         model, tok = load_unsloth(cfg.model, cfg.lora, max_seq_length=cfg.data.max_length, seed=cfg.train.seed,
                                   num_processes=world, verbose=is_main)
     else:
-        model, tok = load_model(cfg.model, cfg.lora, verbose=is_main)
+        model, tok = load_starting_model(cfg.model, cfg.lora, cfg.init_adapter, cfg.init_adapter_mode, verbose=is_main)
     train_set, val_set, stats = prepare_sft_data(cfg.data, tok)
     if is_main:
         print(f"[posttrain] data: {stats.summary()}")

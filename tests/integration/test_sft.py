@@ -244,3 +244,22 @@ def test_local_dataset_folder_goes_through_the_hub_loader_and_tensorboard_logs(t
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+
+
+def test_init_adapter_continues_a_saved_adapter(tiny_qwen3, data_file, tmp_path):
+    """SFT can start from an earlier run's adapter (init_adapter): with lr 0 the saved weights come out unchanged,
+    with lr > 0 they train on; a shape mismatch or a directory without an adapter is a clear error."""
+    first = train(recipe(tiny_qwen3, data_file, tmp_path / "a", "train.max_steps=1", "train.scheduler=constant",
+                         "train.warmup_steps=0"))
+    start = adapter(tmp_path / "a")
+    train(recipe(tiny_qwen3, data_file, tmp_path / "b", f"init_adapter={first}", "train.max_steps=1", "train.lr=0",
+                 "train.scheduler=constant", "train.warmup_steps=0"))
+    assert_same(adapter(tmp_path / "b"), start, atol=0)                 # lr 0: the saved adapter, unchanged
+    train(recipe(tiny_qwen3, data_file, tmp_path / "c", f"init_adapter={first}", "train.max_steps=1",
+                 "train.scheduler=constant", "train.warmup_steps=0"))
+    moved = adapter(tmp_path / "c")
+    assert any(not torch.equal(moved[k], start[k]) for k in start)     # and it trains
+    with pytest.raises(UserError, match="r=4.*r=8"):
+        train(recipe(tiny_qwen3, data_file, tmp_path / "d", f"init_adapter={first}", "lora.r=8"))
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        train(recipe(tiny_qwen3, data_file, tmp_path / "e", f"init_adapter={tmp_path}"))

@@ -45,7 +45,7 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     denom = 1.0 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
+    return (max(0.0, min(p, center - half)), min(1.0, max(p, center + half)))  # rounding never excludes p
 
 
 def majority_vote(answers: Sequence[str | None]) -> str | None:
