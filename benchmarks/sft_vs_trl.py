@@ -83,9 +83,11 @@ def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
     out = Path(args.workdir) / args.worker
     # posttrain_mb4 / _mb2 run each batch of 8 as micro-batches of 4 / 2 (token-normalized accumulation:
     # the same update, see tests/integration/test_sft.py::test_grad_accumulation_equals_one_big_batch)
-    micro = {"posttrain_mb4": 4, "posttrain_mb2": 2}.get(args.worker, args.batch)
+    micro = {"posttrain_mb4": 4, "posttrain_mb2": 2, "posttrain_mb2_bf16": 2}.get(args.worker, args.batch)
     same = args.worker.endswith("_same")  # the loss check: one shared initial adapter, one batch = all the data
     extra = [f"init_adapter={Path(args.workdir) / 'init_adapter'}", "data.val_size=0"] if same else []
+    if args.worker.endswith("_bf16"):  # bf16 autocast of the decoder layers (the head and loss stay float32)
+        extra.append("train.compute_dtype=bfloat16")
     cfg = load_recipe(None, extra + [
         "model.name=smollm2-135m-instruct", f"data.path={train_file}", "data.format=prompt_completion",
         "data.template=tokenizer", "data.max_length=512", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
@@ -124,7 +126,7 @@ def make_init_adapter(out: Path) -> None:
     peft.save_pretrained(str(out))
 
 
-def worker_trl(args, train_file: Path, held: list[dict], tuned: bool) -> dict:
+def worker_trl(args, train_file: Path, held: list[dict], mode: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -137,14 +139,15 @@ def worker_trl(args, train_file: Path, held: list[dict], tuned: bool) -> dict:
     model, tok = load_model(ModelConfig(name="smollm2-135m-instruct"), None, for_training=False, verbose=False)
     model.train()
     rows = [json.loads(l) for l in train_file.read_text().splitlines()]
-    steps = args.steps if tuned else args.trl_default_steps
+    steps = args.trl_default_steps if mode == "default" else args.steps
     same = args.worker.endswith("_same")
     if same:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(Path(args.workdir) / "init_adapter"), is_trainable=True)
-    kwargs = dict(bf16=False, gradient_checkpointing=False) if tuned else {}
-    config = SFTConfig(output_dir=str(Path(args.workdir) / ("trl-tuned" if tuned else "trl-default")),
+    kwargs = {"tuned": dict(bf16=False, gradient_checkpointing=False),
+              "best": dict(bf16=True, gradient_checkpointing=False), "default": {}}[mode]
+    config = SFTConfig(output_dir=str(Path(args.workdir) / f"trl-{mode}"),
                        use_cpu=True, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                        max_steps=steps, learning_rate=2e-4, warmup_steps=0, lr_scheduler_type="linear",
                        max_grad_norm=1.0, seed=SEED, logging_steps=1, report_to="none", save_strategy="no",
@@ -200,7 +203,8 @@ def run_worker(args) -> None:
     if args.worker.startswith("posttrain"):
         res = worker_posttrain(args, train_file, held)
     else:
-        res = worker_trl(args, train_file, held, tuned=args.worker in ("trl_tuned", "trl_same"))
+        mode = {"trl_tuned": "tuned", "trl_same": "tuned", "trl_best": "best"}.get(args.worker, "default")
+        res = worker_trl(args, train_file, held, mode)
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -291,12 +295,12 @@ def main() -> None:
         mfu = tps * 4 * n_params / (peak * 1e9)
         print(f"| {name} | {r['steps']} | {tps:.1f} | {r['peak_rss_mb']:.0f} | {r['heldout_loss']:.4f} | "
               f"{r['train_loss']:.4f} | {100 * mfu:.0f}% |")
-    for mine in ("posttrain", "posttrain_mb4", "posttrain_mb2"):
+    for mine in ("posttrain", "posttrain_mb4", "posttrain_mb2", "posttrain_bf16", "posttrain_mb2_bf16"):
         if mine not in results:
             continue
         p = results[mine]
         ptps = p["tokens"] / p["seconds"]
-        for other in ("trl_default", "trl_tuned"):
+        for other in ("trl_default", "trl_tuned", "trl_best"):
             if other in results:
                 o = results[other]
                 print(f"{mine} vs {other}: {ptps / (o['tokens'] / o['seconds']):.1f}x tokens/s, "

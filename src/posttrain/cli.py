@@ -45,9 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Silence two messages that say nothing to a posttrain user: bitsandbytes' notice that an optional hub kernel
+    for 4-bit matmuls on AVX512-BF16 CPUs is not installed (its own CPU code runs instead, same results), and
+    PEFT's use of a transformers attribute that transformers 5 renamed."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.errors import UserError
 
+    quiet_library_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -105,6 +105,10 @@ class TrainConfig(Section):
     packing: bool = False
     group_by_length: bool = True
     loss_chunk_size: int = Field(1024, ge=1)
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="SFT: dtype of the decoder layers' matmuls (autocast; master weights, the head and the "
+                            "loss stay float32). auto: bfloat16 on CUDA with bf16 support, float32 on CPU; bfloat16 "
+                            "on a CPU with AVX512-BF16/AMX is faster, as TRL's bf16 default is")
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2

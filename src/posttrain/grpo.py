@@ -59,7 +59,8 @@ from posttrain.grpo_losses import (aggregate_loss, clip_fractions, group_advanta
 from posttrain.grpo_losses import truncated_importance_weights
 from posttrain.distributed import (GatheredRollouts, accelerator_kwargs, accumulation, backward, check_launch,
                                    finish_step, full_trainable_state, prepare, sharded_optimizer)
-from posttrain.models import decoder_and_head, load_model, load_starting_model, resolve_device
+from posttrain.models import (decoder_and_head, load_model, load_starting_model, resolve_compute_dtype,
+                              resolve_device)
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
@@ -395,30 +396,6 @@ def update_policy(policy, model, ref_model, batches: list[dict], optimizer, sche
 
 
 # ---------------------------------------------------------------------------------------------- step pieces
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than float32 (Linux /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_compute_dtype(name: str, model) -> torch.dtype | None:
-    """The autocast dtype of the decoder layers, or None (run in the weights' dtype)."""
-    weights = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    if name == "float32" or weights in (torch.float16, torch.bfloat16):
-        return None  # float32 asked, or 16-bit weights already
-    if name == "auto" and getattr(model, "is_loaded_in_4bit", False):
-        return None  # 4-bit layers compute in their own bnb_4bit_compute_dtype
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 def gather_all(values: list, world: int) -> list:

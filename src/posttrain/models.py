@@ -221,6 +221,33 @@ def load_starting_model(cfg: ModelConfig, lora: LoraConfig | None, init_adapter:
     return prepare_for_training(merged, cfg, lora), tok
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than float32 (Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_compute_dtype(name: str, model, cpu_auto: bool = True):
+    """The autocast dtype of the decoder layers, or None (run in the weights' dtype). ``auto``: bfloat16 on CUDA
+    with bf16 support, and on CPUs with native bf16 when ``cpu_auto`` (GRPO; SFT keeps float32 on CPU)."""
+    import torch
+
+    weights = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    if name == "float32" or weights in (torch.float16, torch.bfloat16):
+        return None  # float32 asked, or 16-bit weights already
+    if name == "auto" and getattr(model, "is_loaded_in_4bit", False):
+        return None  # 4-bit layers compute in their own bnb_4bit_compute_dtype
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_auto and cpu_has_native_bf16() else None
+
+
 def prepare_for_training(model, cfg: ModelConfig, lora: LoraConfig | None):
     model.config.use_cache = False
     if cfg.load_in_4bit:

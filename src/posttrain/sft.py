@@ -37,7 +37,7 @@ from posttrain.distributed import (accelerator_kwargs, accumulation, backward, c
                                    full_trainable_state, prepare, sharded_optimizer)
 from posttrain.errors import UserError
 from posttrain.losses import IGNORE_INDEX, chunked_cross_entropy_sum, shift_labels, shift_labels_packed
-from posttrain.models import decoder_and_head, load_starting_model, resolve_device
+from posttrain.models import decoder_and_head, load_starting_model, resolve_compute_dtype, resolve_device
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.tracking import MetricsLogger
 
@@ -47,15 +47,21 @@ MEGA_STEPS = 16
 class LossModule(torch.nn.Module):
     """Wraps the model so the whole loss runs inside ``forward`` (DDP sees every parameter use)."""
 
-    def __init__(self, model, chunk_size: int):
+    def __init__(self, model, chunk_size: int, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.compute_dtype = compute_dtype  # autocast dtype of the decoder layers; the head stays in its own
 
     def forward(self, input_ids, attention_mask, position_ids, labels):
         decoder, head = decoder_and_head(self.model)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
+        ctx = (torch.autocast(input_ids.device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
+               else nullcontext())
+        with ctx:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+        if self.compute_dtype is not None:
+            hidden = hidden.to(head.weight.dtype)
         return chunked_cross_entropy_sum(hidden, head, labels, self.chunk_size)
 
 
@@ -232,8 +238,11 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
 
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    loss_module, optimizer, scheduler = prepare(accelerator, LossModule(model, cfg.train.loss_chunk_size), optimizer,
-                                                scheduler)
+    compute = resolve_compute_dtype(cfg.train.compute_dtype, model, cpu_auto=False)
+    if is_main and compute is not None:
+        print(f"[posttrain] compute: decoder layers in {str(compute).replace('torch.', '')}, head and loss in float32")
+    loss_module, optimizer, scheduler = prepare(accelerator, LossModule(model, cfg.train.loss_chunk_size, compute),
+                                                optimizer, scheduler)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and
                 next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
 

@@ -263,3 +263,17 @@ def test_init_adapter_continues_a_saved_adapter(tiny_qwen3, data_file, tmp_path)
         train(recipe(tiny_qwen3, data_file, tmp_path / "d", f"init_adapter={first}", "lora.r=8"))
     with pytest.raises(UserError, match="no adapter_config.json"):
         train(recipe(tiny_qwen3, data_file, tmp_path / "e", f"init_adapter={tmp_path}"))
+
+
+def test_bf16_compute_is_close_to_float32_and_auto_is_float32_on_cpu(tiny_qwen3, data_file, tmp_path):
+    """train.compute_dtype: auto keeps float32 on CPU (bit-identical to float32); bfloat16 autocasts the decoder
+    layers only, so the loss stays within bf16 rounding of float32's and the trained adapter stays float32."""
+    runs = {}
+    for name in ("float32", "auto", "bfloat16"):
+        train(recipe(tiny_qwen3, data_file, tmp_path / name, "train.max_steps=2", f"train.compute_dtype={name}"))
+        runs[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert runs["auto"] == runs["float32"]
+    assert runs["bfloat16"] != runs["float32"]
+    for a, b in zip(runs["bfloat16"], runs["float32"]):
+        assert abs(a / b - 1) < 0.02, (runs["bfloat16"], runs["float32"])
+    assert all(v.dtype == torch.float32 for v in adapter(tmp_path / "bfloat16").values())
