@@ -63,7 +63,7 @@ from posttrain.models import (decoder_and_head, load_model, load_starting_model,
                               resolve_device)
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.rollout import SamplingParams
-from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.rollout.hf import HFRolloutEngine, layers_in
 from posttrain.sft import GracefulStop, peak_memory_mb, save_final
 from posttrain.tracking import MetricsLogger
 
@@ -191,7 +191,7 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
 
     device = resolve_device(cfg.model.device)
     accelerator = Accelerator(cpu=not device.startswith("cuda"), **accelerator_kwargs(cfg.train.grad_accum))
-    check_launch(accelerator, variable_micro_batches=cfg.grpo.dynamic_sampling)
+    launch = check_launch(accelerator, variable_micro_batches=cfg.grpo.dynamic_sampling)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = str(accelerator.device) if world > 1 else device
     g, t = cfg.grpo, cfg.train
@@ -290,8 +290,9 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
                    for i in range(0, len(items), t.batch_size)]
 
         t_train = time.perf_counter()
-        stats, grad_norm, lr = update_policy(policy, model, ref_model, batches, optimizer, scheduler, cfg, accelerator,
-                                             max_completion, dummy, step)
+        with layers_in(model, compute if launch in ("single", "ddp") else None, frozen_only=True):
+            stats, grad_norm, lr = update_policy(policy, model, ref_model, batches, optimizer, scheduler, cfg,
+                                                 accelerator, max_completion, dummy, step)
         t_train = time.perf_counter() - t_train
         if hasattr(engine, "push_weights"):  # vLLM: the next rollout loads the updated weights
             engine.push_weights()

@@ -90,10 +90,12 @@ def merged_lora(model, mode: str = "auto"):
 
 
 @contextmanager
-def layers_in(model, dtype: torch.dtype | None):
+def layers_in(model, dtype: torch.dtype | None, frozen_only: bool = False):
     """While generating with a 16-bit compute dtype, hold the decoder layers' float32 linear weights as
     ``dtype`` copies (cast once per rollout instead of by autocast at every decode step); restored after.
-    The embeddings and the head keep their dtype."""
+    The embeddings and the head keep their dtype. ``frozen_only`` (training): only weights that do not train
+    (a LoRA model's base) are held as copies; autocast would cast them to ``dtype`` at every forward anyway
+    (it caches casts only of trainable leaves), so the results are the same, without a cast per matmul."""
     if dtype is None:
         yield
         return
@@ -103,7 +105,7 @@ def layers_in(model, dtype: torch.dtype | None):
         for m in decoder.modules():
             if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and m.weight is not head.weight:
                 for p in (m.weight, m.bias):
-                    if p is not None:
+                    if p is not None and not (frozen_only and p.requires_grad):
                         saved.append((p, p.data))
                         p.data = p.data.to(dtype)
     try:
