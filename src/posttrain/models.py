@@ -223,6 +223,9 @@ def load_starting_model(cfg: ModelConfig, lora: LoraConfig | None, init_adapter:
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls run several times faster than float32 (Linux /proc/cpuinfo)."""
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA", "") + " " + os.environ.get("ATEN_CPU_CAPABILITY", "")).lower()
+    if any(x in isa for x in ("avx2", "sse", "default")) or "avx512_core " in isa + " ":
+        return False  # torch's kernels are held below AVX512-BF16: bf16 matmuls are emulated (slow)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -63,3 +63,16 @@ def test_rslora_and_dora_reach_peft(tiny_qwen3):
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
     assert "default" in layer.lora_magnitude_vector  # DoRA
+
+
+@pytest.mark.parametrize("env, native", [({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False), ({"ATEN_CPU_CAPABILITY": "avx2"}, False),
+                                         ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, False)])
+def test_kernels_held_below_bf16_mean_no_native_bf16(monkeypatch, env, native):
+    """compute_dtype auto must not pick bf16 when torch's kernels are held to an ISA without it (bf16 emulated)."""
+    from posttrain.models import cpu_has_native_bf16
+
+    for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cpu_has_native_bf16() is native
