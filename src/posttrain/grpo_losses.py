@@ -37,6 +37,48 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return logps, entropy
 
 
+class _FusedChunkLogps(torch.autograd.Function):
+    """``_chunk_logps`` with a hand-written backward (the entropy as a detached metric): the forward keeps only
+    ``logZ`` (N,), the backward rebuilds the chunk's logits once and forms ``d logp / d logits = onehot - p``
+    in place. Autograd through a checkpointed ``_chunk_logps`` would recompute the entropy too and run
+    logsumexp's own backward over the whole (N, V) chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
+        with torch.no_grad():
+            logits = F.linear(hidden, weight, bias).float()
+            if temperature != 1.0:
+                logits = logits / temperature
+            logz = torch.logsumexp(logits, dim=-1)
+            logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+            if with_entropy:
+                probs = torch.softmax(logits, dim=-1)
+                entropy = logz - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
+            else:
+                entropy = logps.new_zeros(())
+        ctx.save_for_backward(hidden, weight, bias, targets, logz)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy):
+        hidden, weight, bias, targets, logz = ctx.saved_tensors
+        t = ctx.temperature
+        with torch.no_grad():
+            g = F.linear(hidden, weight, bias).float()
+            if t != 1.0:
+                g = g / t
+            g.sub_(logz.unsqueeze(-1)).exp_().mul_(-grad_logps.unsqueeze(-1))      # -grad * p
+            g.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))     # + grad * onehot
+            if t != 1.0:
+                g.div_(t)
+            gh = g.to(hidden.dtype) @ weight if ctx.needs_input_grad[0] else None
+            gw = g.t().to(weight.dtype) @ hidden if ctx.needs_input_grad[1] else None
+            gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None, None, None
+
+
 def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0, chunk_size: int = 1024,
                           entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -44,8 +86,9 @@ def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     that distribution, without ever holding more than ``chunk_size`` rows of float32 logits.
 
     ``hidden`` (N, H) are the final hidden states at the positions to score, ``targets`` (N,) the token that
-    follows each. Returns float32 ``(logps (N,), entropy (N,) or None)``. Under autograd each chunk is
-    checkpointed, so its logits are rebuilt in the backward pass instead of being kept. The entropy carries a
+    follows each. Returns float32 ``(logps (N,), entropy (N,) or None)``. Under autograd a chunk's logits are
+    not kept: they are rebuilt in the backward pass (by :class:`_FusedChunkLogps`, or by checkpointing when the
+    entropy itself carries a gradient). The entropy carries a
     gradient only with ``entropy_grad`` (an entropy bonus); as a metric it is detached.
     """
     if temperature <= 0:
@@ -54,7 +97,9 @@ def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if grad:
+        if grad and not entropy_grad:
+            lp, ent = _FusedChunkLogps.apply(h, weight, bias, t, temperature, entropy)
+        elif grad:
             lp, ent = checkpoint(_chunk_logps, h, weight, bias, t, temperature, entropy, use_reentrant=False)
         else:
             lp, ent = _chunk_logps(h, weight, bias, t, temperature, entropy)
