@@ -22,11 +22,14 @@ SCALE_REWARDS = ("group", "batch", "none")
 # Token log-probabilities (chunked selective log-softmax) and entropy
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _chunk_logps_logz(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                      temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = _logits(hidden, weight, bias, temperature)
     logz = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
     if with_entropy:  # H = logZ - sum_v p_v * logit_v  (a batched dot product: no second (N, V) product)
@@ -34,7 +37,12 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         entropy = logz - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
     else:
         entropy = logps.new_zeros(())
-    return logps, entropy
+    return logps, entropy, logz
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _chunk_logps_logz(hidden, weight, bias, targets, temperature, with_entropy)[:2]
 
 
 class _FusedChunkLogps(torch.autograd.Function):
@@ -46,16 +54,7 @@ class _FusedChunkLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
         with torch.no_grad():
-            logits = F.linear(hidden, weight, bias).float()
-            if temperature != 1.0:
-                logits = logits / temperature
-            logz = torch.logsumexp(logits, dim=-1)
-            logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-            if with_entropy:
-                probs = torch.softmax(logits, dim=-1)
-                entropy = logz - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
-            else:
-                entropy = logps.new_zeros(())
+            logps, entropy, logz = _chunk_logps_logz(hidden, weight, bias, targets, temperature, with_entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, logz)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)
@@ -66,9 +65,7 @@ class _FusedChunkLogps(torch.autograd.Function):
         hidden, weight, bias, targets, logz = ctx.saved_tensors
         t = ctx.temperature
         with torch.no_grad():
-            g = F.linear(hidden, weight, bias).float()
-            if t != 1.0:
-                g = g / t
+            g = _logits(hidden, weight, bias, t)
             g.sub_(logz.unsqueeze(-1)).exp_().mul_(-grad_logps.unsqueeze(-1))      # -grad * p
             g.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))     # + grad * onehot
             if t != 1.0:

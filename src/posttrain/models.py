@@ -233,6 +233,15 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def autocast_to(device_type: str, dtype):
+    """The autocast context of a resolved compute dtype (:func:`resolve_compute_dtype`); none when it is None."""
+    from contextlib import nullcontext
+
+    import torch
+
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def resolve_compute_dtype(name: str, model, cpu_auto: bool = True):
     """The autocast dtype of the decoder layers, or None (run in the weights' dtype). ``auto``: bfloat16 on CUDA
     with bf16 support, and on CPUs with native bf16 when ``cpu_auto`` (GRPO; SFT keeps float32 on CPU)."""

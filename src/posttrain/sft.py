@@ -37,7 +37,8 @@ from posttrain.distributed import (accelerator_kwargs, accumulation, backward, c
                                    full_trainable_state, prepare, sharded_optimizer)
 from posttrain.errors import UserError
 from posttrain.losses import IGNORE_INDEX, chunked_cross_entropy_sum, shift_labels, shift_labels_packed
-from posttrain.models import decoder_and_head, load_starting_model, resolve_compute_dtype, resolve_device
+from posttrain.models import (autocast_to, decoder_and_head, load_starting_model, resolve_compute_dtype,
+                              resolve_device)
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.tracking import MetricsLogger
 
@@ -55,9 +56,7 @@ class LossModule(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, labels):
         decoder, head = decoder_and_head(self.model)
-        ctx = (torch.autocast(input_ids.device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
-               else nullcontext())
-        with ctx:
+        with autocast_to(input_ids.device.type, self.compute_dtype):
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
         if self.compute_dtype is not None:

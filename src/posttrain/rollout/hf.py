@@ -23,12 +23,12 @@ What makes it cheaper than ``model.generate`` on the same model:
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
 
-from posttrain.models import decoder_and_head
+from posttrain.models import autocast_to, decoder_and_head
 from posttrain.rollout import Rollouts, SamplingParams
 
 
@@ -256,9 +256,7 @@ class HFRolloutEngine:
         dtype is set; the head always runs in its weight's dtype (float32 on CPU), outside autocast."""
         decoder, head = decoder_and_head(self.model)
         device = input_ids.device
-        ctx = (torch.autocast(device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
-               else nullcontext())
-        with ctx:
+        with autocast_to(device.type, self.compute_dtype):
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -1]
