@@ -22,8 +22,10 @@ SCALE_REWARDS = ("group", "batch", "none")
 # Token log-probabilities (chunked selective log-softmax) and entropy
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
+def _logits(hidden: torch.Tensor, weight, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """float32 ``hidden @ weight.T + bias`` over temperature; ``weight`` may be a frozen packed weight
+    (:class:`posttrain.packed.PackedWeight`, its bias included)."""
+    logits = weight.linear(hidden).float() if hasattr(weight, "linear") else F.linear(hidden, weight, bias).float()
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -55,14 +57,22 @@ class _FusedChunkLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
         with torch.no_grad():
             logps, entropy, logz = _chunk_logps_logz(hidden, weight, bias, targets, temperature, with_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, logz)
+        if isinstance(weight, torch.Tensor):
+            ctx.save_for_backward(hidden, weight, bias, targets, logz)
+            ctx.packed = None
+        else:  # a frozen packed weight (not a tensor)
+            ctx.save_for_backward(hidden, bias, targets, logz)
+            ctx.packed = weight
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
-        hidden, weight, bias, targets, logz = ctx.saved_tensors
+        if ctx.packed is None:
+            hidden, weight, bias, targets, logz = ctx.saved_tensors
+        else:
+            (hidden, bias, targets, logz), weight = ctx.saved_tensors, ctx.packed
         t = ctx.temperature
         with torch.no_grad():
             g = _logits(hidden, weight, bias, t)
@@ -70,15 +80,21 @@ class _FusedChunkLogps(torch.autograd.Function):
             g.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))     # + grad * onehot
             if t != 1.0:
                 g.div_(t)
-            gh = g.to(hidden.dtype) @ weight if ctx.needs_input_grad[0] else None
-            gw = g.t().to(weight.dtype) @ hidden if ctx.needs_input_grad[1] else None
+            if not ctx.needs_input_grad[0]:
+                gh = None
+            elif hasattr(weight, "grad_input"):  # a frozen packed weight: no weight gradient
+                gh = weight.grad_input(g).to(hidden.dtype)
+            else:
+                gh = g.to(hidden.dtype) @ weight
+            gw = g.t().to(weight.dtype) @ hidden if ctx.packed is None and ctx.needs_input_grad[1] else None
             gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return gh, gw, gb, None, None, None
 
 
 def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0, chunk_size: int = 1024,
-                          entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          entropy: bool = False, entropy_grad: bool = False, packed=None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log softmax(hidden @ weight.T / temperature)[target]`` for each row, and optionally the entropy of
     that distribution, without ever holding more than ``chunk_size`` rows of float32 logits.
 
@@ -86,12 +102,15 @@ def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     follows each. Returns float32 ``(logps (N,), entropy (N,) or None)``. Under autograd a chunk's logits are
     not kept: they are rebuilt in the backward pass (by :class:`_FusedChunkLogps`, or by checkpointing when the
     entropy itself carries a gradient). The entropy carries a
-    gradient only with ``entropy_grad`` (an entropy bonus); as a metric it is detached.
+    gradient only with ``entropy_grad`` (an entropy bonus); as a metric it is detached. ``packed``: the same
+    weight (and bias), frozen and packed for oneDNN (:mod:`posttrain.packed`): used for the matmuls instead.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     logps_out, ent_out = [], []
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if packed is not None and not weight.requires_grad:
+        weight, bias = packed, None
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if grad and not entropy_grad:

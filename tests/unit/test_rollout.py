@@ -93,8 +93,8 @@ def test_stop_tokens_end_rows_and_finished_rows_leave_the_batch(policy):
     k = next(i for i in range(2, 8) if first[i] not in first[:i])  # a token prompt 0 first meets at step k
     stop = first[k]
     sizes = []
-    hook = model.get_base_model().model.register_forward_pre_hook(
-        lambda mod, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    hook = model.get_base_model().model.embed_tokens.register_forward_pre_hook(  # rows of each forward
+        lambda mod, args: sizes.append(args[0].shape[0]))
     try:
         ro = eng.generate(prompts, 1, SamplingParams(**sp, stop_token_ids=(stop,)), seeds=[0, 1, 2])
     finally:

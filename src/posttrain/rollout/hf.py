@@ -5,17 +5,20 @@ What makes it cheaper than ``model.generate`` on the same model:
 1. **One prefill per prompt.** The prompts of a batch are prefilled once (left-padded, logits only at the last
    position) and the KV cache is repeated G times along the batch, so a group's G samples share the prompt's
    prefill instead of computing it G times.
-2. **Merged LoRA while generating.** The adapter is folded into the base weights for the rollout and taken
-   out afterwards (:func:`merged_lora`), so a decode step costs what the base model costs: no extra LoRA
-   matmuls and no PEFT dispatch per layer. fp32 weights are merged in place (``W += BA``, then ``W -= BA``: the
-   round trip moves a weight by at most an ulp); 16-bit weights are backed up to host memory, merged in
-   place and restored exactly; 4-bit weights are left unmerged (folding into NF4 would re-quantize them).
-3. **Finished rows leave the batch.** When a completion stops, its row is removed from the input, the
+2. **Merged LoRA while generating.** A decode step costs what the base model costs: no extra LoRA matmuls and
+   no PEFT dispatch per layer. On a CPU with oneDNN each LoRA layer computes with one packed copy of
+   ``W + BA`` (:mod:`posttrain.packed`; the base weights are never written). Elsewhere the adapter is folded
+   into the base weights for the rollout and taken out afterwards (:func:`merged_lora`): fp32 weights in place
+   (``W += BA``, then ``W -= BA``: the round trip moves a weight by at most an ulp), 16-bit weights backed up to
+   host memory and restored exactly; 4-bit weights are left unmerged (folding into NF4 would re-quantize them).
+3. **A lean forward where it applies** (:mod:`posttrain.rollout.lean`: Llama-family models on CPU): fused
+   q/k/v and gate/up matmuls on packed weights and a preallocated KV cache, instead of transformers' forward
+   and its ``DynamicCache``; other models run through transformers' forward (``stats["forward"]`` says which).
+4. **Finished rows leave the batch.** When a completion stops, its row is removed from the input, the
    attention mask and every layer's KV cache, so the remaining decode steps cost only what is still running.
-4. **16-bit compute where it is fast** (``compute_dtype``): the decoder layers run under bf16 autocast with
-   their weights cast once per rollout; the head runs in its own dtype (float32 on CPU), so sampling sees
-   float32 logits.
-5. **Per-completion random streams.** Each completion samples from its own generator keyed by
+5. **16-bit compute where it is fast** (``compute_dtype``): the decoder's matmuls run in bf16 with their weights
+   cast once per rollout; the head runs in its own dtype (float32 on CPU), so sampling sees float32 logits.
+6. **Per-completion random streams.** Each completion samples from its own generator keyed by
    ``(seed, prompt seed, sample index)``; sampling is batch-invariant and reproducible across restarts and
    process counts.
 """
@@ -28,8 +31,9 @@ from typing import Sequence
 
 import torch
 
+from posttrain import packed
 from posttrain.models import autocast_to, decoder_and_head
-from posttrain.rollout import Rollouts, SamplingParams
+from posttrain.rollout import Rollouts, SamplingParams, lean
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,13 +183,46 @@ class HFRolloutEngine:
     """
 
     def __init__(self, model, tokenizer, *, merge: str = "auto", max_rows: int | None = None,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, lean: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.merge = merge
         self.max_rows = max_rows
         self.compute_dtype = compute_dtype  # e.g. bfloat16: decoder layers in bf16, the head in its own dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.lean = lean  # the lean decoder forward where it applies (CPU, Llama-family; see rollout.lean)
+        self._lean = None  # the LeanDecoder of the running rollout
+        self._packed_cache: dict = {}  # frozen weights packed for oneDNN, kept across rollouts
+
+    @contextmanager
+    def _weights(self, model):
+        """The weights a rollout computes with. On a CPU with oneDNN (:mod:`posttrain.packed`): each LoRA layer
+        with one packed merged weight ``W + BA`` (the base weights untouched), the other linears and the head
+        packed (frozen ones once per run), in the compute dtype (the head in its own). Elsewhere: the adapter
+        merged (:func:`merged_lora`) and the decoder held in the compute dtype (:func:`layers_in`)."""
+        device = next(model.parameters()).device
+        merged = packed.mergeable_lora_layers(model) if packed.available(device) and self.merge != "none" else None
+        if merged is None:
+            with merged_lora(model, self.merge), layers_in(model, self.compute_dtype):
+                yield
+            return
+        decoder, head = decoder_and_head(model)
+        heads = packed.frozen_linears(head, frozen_only=False) if isinstance(head, torch.nn.Linear) else []
+        if self.lean and lean.unsupported(model) is None and (self.compute_dtype or head.weight.dtype) in (
+                torch.float32, torch.bfloat16):
+            self._lean = lean.LeanDecoder(model, merged, self.compute_dtype)
+            try:
+                with packed.packed_linears(heads, None, grad_input=False, rows_hint=16, cache=self._packed_cache):
+                    yield
+            finally:
+                self._lean = None
+            return
+        inside_lora = tuple(sub for m in merged for sub in m.modules())
+        rest = packed.frozen_linears(decoder, exclude=inside_lora + (head,), frozen_only=False)
+        with packed.packed_merged_lora(merged, self.compute_dtype), \
+                packed.packed_linears(rest, self.compute_dtype, grad_input=False, rows_hint=16, cache=self._packed_cache), \
+                packed.packed_linears(heads, None, grad_input=False, rows_hint=16, cache=self._packed_cache):
+            yield
 
     def default_stop_ids(self) -> tuple[int, ...]:
         ids = set()
@@ -217,7 +254,7 @@ class HFRolloutEngine:
         was_training = model.training
         model.eval()
         try:
-            with merged_lora(model, self.merge), layers_in(model, self.compute_dtype):
+            with self._weights(model):
                 for start in range(0, len(order), per_chunk):
                     idx = order[start:start + per_chunk]
                     out = self._generate_chunk([prompts[i] for i in idx], n, sampling, [seeds[i] for i in idx], stats)
@@ -251,22 +288,17 @@ class HFRolloutEngine:
                 text = text[:pos + len(s)] if sampling.include_stop_str_in_output else text[:pos]
         return text
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache) -> tuple[torch.Tensor, object]:
-        """Float32 logits of the last position, and the cache. The decoder runs under autocast when a compute
-        dtype is set; the head always runs in its weight's dtype (float32 on CPU), outside autocast."""
-        decoder, head = decoder_and_head(self.model)
-        device = input_ids.device
-        with autocast_to(device.type, self.compute_dtype):
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
-        logits = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, getattr(head, "bias", None))
-        return logits.float(), out.past_key_values
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits from final hidden states: the head in its weight's dtype (float32 on CPU), packed when
+        :meth:`_weights` packed it, never under autocast."""
+        _, head = decoder_and_head(self.model)
+        head_packed = packed.packed_weight(head)
+        if head_packed is not None:
+            return head_packed.linear(hidden).float()
+        return torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, getattr(head, "bias", None)).float()
 
     def _generate_chunk(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seeds: list[int],
                         stats: dict) -> tuple[list[list[int]], list[list[float]], list[str]]:
-        from transformers import DynamicCache
-
         model = self.model
         device = next(model.parameters()).device
         P, N = len(prompts), len(prompts) * n
@@ -280,10 +312,11 @@ class HFRolloutEngine:
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
 
         t0 = time.perf_counter()
-        cache = DynamicCache(config=model.config)
-        last, cache = self._forward(input_ids, attn, positions, cache)
-        cache.batch_repeat_interleave(n)  # the group's G samples share one prefill
-        logits = last.repeat_interleave(n, dim=0)
+        runner = _LeanRunner(self, self._lean) if self._lean is not None else _HFRunner(self)
+        stats["forward"] = "lean" if self._lean is not None else "transformers"
+        logits = runner.prefill(input_ids, attn, positions, Lp + sampling.max_new_tokens)
+        runner.repeat(n)  # the group's G samples share one prefill
+        logits = logits.repeat_interleave(n, dim=0)
         stats["prefill_s"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -324,14 +357,72 @@ class HFRolloutEngine:
                 break
             if len(keep) < len(rows):  # finished rows stop costing compute
                 sel = torch.tensor(keep, device=device)
-                cache.batch_select_indices(sel)
+                runner.select(sel)
                 attn, next_pos, tok = attn[sel], next_pos[sel], tok[sel.to(tok.device)]
                 rows = [rows[k] for k in keep]
             attn = torch.cat([attn, attn.new_ones((len(rows), 1))], dim=-1)
-            logits, cache = self._forward(tok.to(device)[:, None], attn, next_pos, cache)
+            logits = runner.step(tok.to(device)[:, None], attn, next_pos)
             next_pos = next_pos + 1
         stats["decode_s"] += time.perf_counter() - t0
         return tokens, logps, reasons
+
+
+class _HFRunner:
+    """Prefill and decode steps through transformers' own forward and a ``DynamicCache``."""
+
+    def __init__(self, engine: HFRolloutEngine):
+        from transformers import DynamicCache
+
+        self.engine = engine
+        self.cache = DynamicCache(config=engine.model.config)
+
+    def _forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        decoder, _ = decoder_and_head(self.engine.model)
+        with autocast_to(input_ids.device.type, self.engine.compute_dtype):
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return self.engine._head(out.last_hidden_state[:, -1])
+
+    def prefill(self, input_ids, attn, positions, max_len: int) -> torch.Tensor:
+        return self._forward(input_ids, attn, positions)
+
+    def step(self, tok, attn, next_pos) -> torch.Tensor:
+        return self._forward(tok, attn, next_pos)
+
+    def repeat(self, n: int) -> None:
+        self.cache.batch_repeat_interleave(n)
+
+    def select(self, idx: torch.Tensor) -> None:
+        self.cache.batch_select_indices(idx)
+
+
+class _LeanRunner:
+    """Prefill and decode steps through :class:`posttrain.rollout.lean.LeanDecoder` and its preallocated cache."""
+
+    def __init__(self, engine: HFRolloutEngine, lean):
+        self.engine, self.lean, self.cache, self.col = engine, lean, None, 0
+
+    def prefill(self, input_ids, attn, positions, max_len: int) -> torch.Tensor:
+        P, Lp = input_ids.shape
+        self.cache = self.lean.new_cache(P, max_len, input_ids.device)
+        causal = torch.ones((Lp, Lp), dtype=torch.bool, device=input_ids.device).tril()
+        eye = torch.eye(Lp, dtype=torch.bool, device=input_ids.device)  # a padding query attends to itself (no NaN)
+        keep = (causal & attn.bool()[:, None, :]) | eye
+        hidden = self.lean.forward(input_ids, positions, keep[:, None], self.cache, 0)
+        self.col = Lp
+        return self.engine._head(hidden)
+
+    def step(self, tok, attn, next_pos) -> torch.Tensor:
+        hidden = self.lean.forward(tok, next_pos, attn.bool()[:, None, None, :], self.cache, self.col)
+        self.col += 1
+        return self.engine._head(hidden)
+
+    def repeat(self, n: int) -> None:
+        self.cache = self.cache.repeat_interleave(n, dim=2)
+
+    def select(self, idx: torch.Tensor) -> None:
+        self.cache = self.cache.index_select(2, idx)
 
 
 __all__ = ["HFRolloutEngine", "filter_logits", "layers_in", "merged_lora", "sample_tokens"]

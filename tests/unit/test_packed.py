@@ -1,0 +1,116 @@
+"""Frozen linears packed for oneDNN (posttrain.packed): same values and input gradients as F.linear, forwards
+installed and restored, packed copies reused only while the weight is unchanged, LoRA merged without
+touching the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain import packed
+from posttrain.packed import (PackedWeight, frozen_linears, merged_weight, mergeable_lora_layers, packed_linears,
+                              packed_weight)
+
+pytestmark = pytest.mark.skipif(not packed.available("cpu"), reason="oneDNN packed linears unavailable")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear_with_input_gradient(dtype, tol, bias):
+    torch.manual_seed(0)
+    w = torch.randn(96, 64, dtype=dtype)
+    b = torch.randn(96, dtype=dtype) if bias else None
+    x = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
+    ref = F.linear(x, w, b)
+    g = torch.randn_like(ref)
+    (gref,) = torch.autograd.grad(ref, x, g)
+    pw = PackedWeight(w, b)
+    out = pw.linear(x)
+    (gout,) = torch.autograd.grad(out, x, g)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(gout.float(), gref.float(), rtol=tol, atol=tol)
+    # a float32 input to a bf16 packed weight is cast, as autocast would
+    assert pw.linear(x.detach().float()).dtype == dtype
+
+
+def test_without_grad_input_a_backward_is_an_error():
+    pw = PackedWeight(torch.randn(8, 4), grad_input=False)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="without grad_input"):
+        pw.linear(x).sum().backward()
+
+
+def test_packed_linears_install_restore_and_reuse_until_the_weight_changes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).requires_grad_(False)
+    x = torch.randn(5, 16)
+    cache: dict = {}
+    with packed_linears([lin], cache=cache):
+        first = packed_weight(lin)
+        assert first is not None
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert packed_weight(lin) is None and "forward" not in lin.__dict__  # the module's own forward again
+    with packed_linears([lin], cache=cache):
+        assert packed_weight(lin) is first  # unchanged weight: the same packed copy
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # an in-place change bumps the version: the copy is stale
+    with packed_linears([lin], cache=cache):
+        assert packed_weight(lin) is not first
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert len(cache) == 1  # the stale copy was dropped
+    with packed_linears([lin], torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16
+
+
+def _lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_frozen_linears_are_the_base_weights_not_the_adapter():
+    model = _lora_model()
+    found = frozen_linears(model)
+    names = {n for n, m in model.named_modules() if m in found}
+    assert names == {"base_model.model.0.base_layer", "base_model.model.2"}
+    everything = frozen_linears(model, frozen_only=False)
+    assert len(everything) == 4  # + lora_A and lora_B, for a rollout under no_grad
+
+
+def test_merged_weights_equal_the_adapter_and_leave_the_base_alone():
+    model = _lora_model()
+    layer = model.base_model.model[0]
+    before = layer.base_layer.weight.detach().clone()
+    merged = mergeable_lora_layers(model)
+    assert merged == [layer]
+    x = torch.randn(6, 16)
+    w, b = merged_weight(layer)
+    torch.testing.assert_close(F.linear(x, w, b), layer(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.base_layer.weight, before)
+    with torch.no_grad(), packed.packed_merged_lora(merged):
+        torch.testing.assert_close(model(x), model.base_model.model[2](torch.relu(F.linear(x, w, b))), rtol=1e-5,
+                                   atol=1e-5)
+    assert "forward" not in layer.__dict__
+
+
+def test_dora_is_not_merged_this_way():
+    from peft import LoraConfig, get_peft_model
+
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    assert mergeable_lora_layers(model) is None
+
+
+def test_available_only_on_cpu_and_can_be_turned_off(monkeypatch):
+    assert not packed.available("meta")
+    monkeypatch.setenv("POSTTRAIN_PACKED_LINEAR", "0")
+    assert not packed.available("cpu")
