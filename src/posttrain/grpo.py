@@ -61,7 +61,7 @@ from posttrain.grpo_losses import (aggregate_loss, clip_fractions, group_advanta
 from posttrain.grpo_losses import truncated_importance_weights
 from posttrain.distributed import (GatheredRollouts, accelerator_kwargs, accumulation, backward, check_launch,
                                    finish_step, full_trainable_state, prepare, sharded_optimizer)
-from posttrain.models import (autocast_to, decoder_and_head, load_model, load_starting_model,
+from posttrain.models import (autocast_to, decoder_and_head, float32_attention, load_model, load_starting_model,
                               resolve_compute_dtype, resolve_device)
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.rollout import SamplingParams
@@ -94,7 +94,7 @@ class PolicyLogps(torch.nn.Module):
     def forward(self, batch: dict, entropy_grad: bool = False):
         decoder, head = decoder_and_head(self.model)
         device = batch["mask"].device
-        with autocast_to(device.type, self.compute_dtype):
+        with autocast_to(device.type, self.compute_dtype), float32_attention(device.type, self.compute_dtype):
             hidden = self._hidden(decoder, batch)
         # the head outside autocast, in its weight's dtype (float32 unless the model itself is 16-bit)
         return selective_log_softmax(hidden.to(head.weight.dtype), head.weight, batch["targets"],
