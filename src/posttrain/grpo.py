@@ -50,6 +50,7 @@ import torch
 
 from posttrain import packed
 from posttrain.allocator import keep_freed_memory
+from posttrain.fused_lora import fused_lora
 from posttrain.checkpoint import collect_rank_rng, load_checkpoint, save_checkpoint
 from posttrain.config import save_recipe
 from posttrain.errors import UserError
@@ -253,7 +254,7 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
                               max_new_tokens=max_completion, stop_token_ids=engine.default_stop_ids(),
                               stop_strings=tuple(g.stop_strings), ignore_eos=g.ignore_eos, seed=t.seed)
     share_prompts = g.share_prompt and not cfg.model.gradient_checkpointing  # checkpointing drops the KV cache
-    packed_cache: dict = {}  # frozen weights packed for oneDNN once per run (posttrain.packed)
+    packed_cache = getattr(engine, "packed_cache", {})  # frozen weights packed once per run, shared with the rollout
 
     start_step, cursor, total_tokens = 0, 0, 0
     if resume:
@@ -353,6 +354,7 @@ def frozen_weights(model, compute, cache: dict):
     """How the weights that do not train compute during an update. On a CPU with oneDNN (single process or
     DDP): the decoder's frozen linears (a LoRA model's base) packed once per run in the compute dtype, and a
     frozen head packed in its own dtype (:mod:`posttrain.packed`; same values, 2-3x faster matmuls here).
+    LoRA layers over a packed base train through one fused autograd node each (:mod:`posttrain.fused_lora`).
     Elsewhere: frozen weights held as compute-dtype copies for the update (:func:`layers_in`)."""
     decoder, head = decoder_and_head(model)
     if compute is None and next(model.parameters()).dtype not in (torch.float32, torch.bfloat16):
@@ -365,7 +367,7 @@ def frozen_weights(model, compute, cache: dict):
         return
     heads = packed.frozen_linears(head) if isinstance(head, torch.nn.Linear) else []
     with packed.packed_linears(packed.frozen_linears(decoder, exclude=(head,)), compute, cache=cache), \
-            packed.packed_linears(heads, None, cache=cache):
+            packed.packed_linears(heads, None, cache=cache), fused_lora(model):
         yield
 
 

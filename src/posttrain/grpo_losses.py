@@ -47,36 +47,62 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _chunk_logps_logz(hidden, weight, bias, targets, temperature, with_entropy)[:2]
 
 
+@torch.no_grad()
+def _chunk_probs(hidden: torch.Tensor, weight, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float,
+                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_chunk_logps_logz`` without autograd, in fewer passes over the (N, V) chunk: one exp gives logZ, the
+    probabilities and the entropy. Returns ``(logps, entropy, logz, probs)``."""
+    logits = _logits(hidden, weight, bias, temperature)
+    peak = logits.amax(-1, keepdim=True)
+    probs = (logits - peak).exp_()
+    total = probs.sum(-1, keepdim=True)
+    logz = (peak + total.log()).squeeze(-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    probs.div_(total)
+    if with_entropy:  # H = logZ - sum_v p_v * logit_v
+        entropy = logz - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
+    else:
+        entropy = logps.new_zeros(())
+    return logps, entropy, logz, probs
+
+
 class _FusedChunkLogps(torch.autograd.Function):
-    """``_chunk_logps`` with a hand-written backward (the entropy as a detached metric): the forward keeps only
-    ``logZ`` (N,), the backward rebuilds the chunk's logits once and forms ``d logp / d logits = onehot - p``
-    in place. Autograd through a checkpointed ``_chunk_logps`` would recompute the entropy too and run
+    """``_chunk_logps`` with a hand-written backward (the entropy as a detached metric), forming
+    ``d logp / d logits = onehot - p`` in place. With ``keep_probs`` the forward keeps the chunk's probabilities
+    (N, V) for the backward; without, it keeps only ``logZ`` (N,) and the backward rebuilds the logits (one
+    more head matmul). Autograd through a checkpointed ``_chunk_logps`` would recompute the entropy too and run
     logsumexp's own backward over the whole (N, V) chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
-        with torch.no_grad():
-            logps, entropy, logz = _chunk_logps_logz(hidden, weight, bias, targets, temperature, with_entropy)
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool, keep_probs: bool = False):
+        logps, entropy, logz, probs = _chunk_probs(hidden, weight, bias, targets, temperature, with_entropy)
+        saved = probs if keep_probs else logz
         if isinstance(weight, torch.Tensor):
-            ctx.save_for_backward(hidden, weight, bias, targets, logz)
+            ctx.save_for_backward(hidden, weight, bias, targets, saved)
             ctx.packed = None
         else:  # a frozen packed weight (not a tensor)
-            ctx.save_for_backward(hidden, bias, targets, logz)
+            ctx.save_for_backward(hidden, bias, targets, saved)
             ctx.packed = weight
-        ctx.temperature = temperature
+        ctx.temperature, ctx.keep_probs, ctx.done = temperature, keep_probs, False
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
         if ctx.packed is None:
-            hidden, weight, bias, targets, logz = ctx.saved_tensors
+            hidden, weight, bias, targets, saved = ctx.saved_tensors
         else:
-            (hidden, bias, targets, logz), weight = ctx.saved_tensors, ctx.packed
+            (hidden, bias, targets, saved), weight = ctx.saved_tensors, ctx.packed
+        if ctx.done:
+            raise RuntimeError("the chunked log-softmax backward runs once (its buffers are reused in place)")
+        ctx.done = True
         t = ctx.temperature
         with torch.no_grad():
-            g = _logits(hidden, weight, bias, t)
-            g.sub_(logz.unsqueeze(-1)).exp_().mul_(-grad_logps.unsqueeze(-1))      # -grad * p
+            if ctx.keep_probs:
+                g = saved.mul_(-grad_logps.unsqueeze(-1))                         # -grad * p (p kept)
+            else:
+                g = _logits(hidden, weight, bias, t)
+                g.sub_(saved.unsqueeze(-1)).exp_().mul_(-grad_logps.unsqueeze(-1))   # -grad * p
             g.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))     # + grad * onehot
             if t != 1.0:
                 g.div_(t)
@@ -88,7 +114,10 @@ class _FusedChunkLogps(torch.autograd.Function):
                 gh = g.to(hidden.dtype) @ weight
             gw = g.t().to(weight.dtype) @ hidden if ctx.packed is None and ctx.needs_input_grad[1] else None
             gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
+
+
+KEEP_PROBS_BYTES = 256 * 2**20  # keep float32 probabilities for the backward while a call's total is below this
 
 
 def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -100,8 +129,9 @@ def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
     ``hidden`` (N, H) are the final hidden states at the positions to score, ``targets`` (N,) the token that
     follows each. Returns float32 ``(logps (N,), entropy (N,) or None)``. Under autograd a chunk's logits are
-    not kept: they are rebuilt in the backward pass (by :class:`_FusedChunkLogps`, or by checkpointing when the
-    entropy itself carries a gradient). The entropy carries a
+    not kept: its probabilities are, while all chunks' together take at most ``KEEP_PROBS_BYTES`` (256 MB: one
+    head matmul less per chunk); beyond that they are rebuilt in the backward pass (by :class:`_FusedChunkLogps`,
+    or by checkpointing when the entropy itself carries a gradient). The entropy carries a
     gradient only with ``entropy_grad`` (an entropy bonus); as a metric it is detached. ``packed``: the same
     weight (and bias), frozen and packed for oneDNN (:mod:`posttrain.packed`): used for the matmuls instead.
     """
@@ -111,14 +141,16 @@ def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if packed is not None and not weight.requires_grad:
         weight, bias = packed, None
+    vocab = weight.shape[0]
+    keep_probs = hidden.shape[0] * vocab * 4 <= KEEP_PROBS_BYTES
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if grad and not entropy_grad:
-            lp, ent = _FusedChunkLogps.apply(h, weight, bias, t, temperature, entropy)
+            lp, ent = _FusedChunkLogps.apply(h, weight, bias, t, temperature, entropy, keep_probs)
         elif grad:
             lp, ent = checkpoint(_chunk_logps, h, weight, bias, t, temperature, entropy, use_reentrant=False)
         else:
-            lp, ent = _chunk_logps(h, weight, bias, t, temperature, entropy)
+            lp, ent = _chunk_probs(h, weight, bias, t, temperature, entropy)[:2]
         logps_out.append(lp)
         ent_out.append(ent if entropy_grad else ent.detach())
     if not logps_out:

@@ -176,12 +176,14 @@ def packed_linears(modules: list[torch.nn.Linear], dtype: torch.dtype | None = N
             dt = dtype or m.weight.dtype
             key = (id(m), m.weight.data_ptr(), m.weight._version, dt, grad_input)
             packed = cache.get(key) if cache is not None else None
+            if packed is None and cache is not None and not grad_input:  # a copy with W.T serves too
+                packed = cache.get(key[:-1] + (True,))
             if packed is None:
                 with torch.no_grad():
                     packed = PackedWeight(m.weight.to(dt), m.bias, grad_input=grad_input, rows_hint=rows_hint)
                 if cache is not None:
-                    for k in [k for k in cache if k[0] == id(m)]:  # a stale copy of this module's weight
-                        del cache[k]
+                    for k in [k for k in cache if k[0] == id(m) and (k[1:4] != key[1:4] or grad_input)]:
+                        del cache[k]  # a stale copy, or one without W.T that this one supersedes
                     cache[key] = packed
             m.forward = _PackedForward(packed)
             installed.append(m)

@@ -52,9 +52,14 @@ def test_selective_log_softmax_matches_full_logits_and_gradients(temperature):
     torch.testing.assert_close(gw, weight.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep_probs", [True, False])
 @pytest.mark.parametrize("temperature, bias", [(1.0, False), (0.7, True)])
-def test_fused_backward_equals_autograd_through_full_logits(temperature, bias):
-    """The hand-written backward (entropy as a metric only) gives autograd's gradients for hidden, weight, bias."""
+def test_fused_backward_equals_autograd_through_full_logits(temperature, bias, keep_probs, monkeypatch):
+    """The hand-written backward (entropy as a metric only) gives autograd's gradients for hidden, weight, bias,
+    with the chunk's probabilities kept from the forward or the logits rebuilt."""
+    import posttrain.grpo_losses as losses
+
+    monkeypatch.setattr(losses, "KEEP_PROBS_BYTES", 2**40 if keep_probs else 0)
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(29, 16, generator=g, requires_grad=True)
     weight = torch.randn(101, 16, generator=g, requires_grad=True)
@@ -76,6 +81,29 @@ def test_fused_backward_equals_autograd_through_full_logits(temperature, bias):
     (ref * upstream).sum().backward()
     for got, x in zip(grads, [x for x in (hidden, weight, b) if x is not None]):
         torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_probs", [True, False])
+def test_a_packed_frozen_head_gives_the_same_log_probs_and_hidden_gradient(keep_probs, monkeypatch):
+    import posttrain.grpo_losses as losses
+    from posttrain import packed
+
+    if not packed.available("cpu"):
+        pytest.skip("oneDNN packed linears unavailable")
+    monkeypatch.setattr(losses, "KEEP_PROBS_BYTES", 2**40 if keep_probs else 0)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(29, 16, generator=g, requires_grad=True)
+    weight = torch.randn(101, 16, generator=g)  # frozen
+    targets = torch.randint(0, 101, (29,), generator=g)
+    upstream = torch.randn(29, generator=g)
+    got, ent = selective_log_softmax(hidden, weight, targets, chunk_size=8, entropy=True,
+                                     packed=packed.PackedWeight(weight))
+    (gh,) = torch.autograd.grad((got * upstream).sum(), hidden)
+    ref, ref_ent = selective_log_softmax(hidden, weight, targets, chunk_size=8, entropy=True)
+    (gref,) = torch.autograd.grad((ref * upstream).sum(), hidden)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, gref, rtol=1e-4, atol=1e-5)
 
 
 def test_selective_log_softmax_entropy_is_detached_as_a_metric():

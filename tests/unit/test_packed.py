@@ -60,6 +60,10 @@ def test_packed_linears_install_restore_and_reuse_until_the_weight_changes():
         assert packed_weight(lin) is not first
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
     assert len(cache) == 1  # the stale copy was dropped
+    with packed_linears([lin], grad_input=False, cache=cache):  # a copy with W.T serves a rollout too
+        served = packed_weight(lin)
+    with packed_linears([lin], cache=cache):
+        assert packed_weight(lin) is served and len(cache) == 1
     with packed_linears([lin], torch.bfloat16):
         assert lin(x).dtype == torch.bfloat16
 
@@ -114,3 +118,46 @@ def test_available_only_on_cpu_and_can_be_turned_off(monkeypatch):
     assert not packed.available("meta")
     monkeypatch.setenv("POSTTRAIN_PACKED_LINEAR", "0")
     assert not packed.available("cpu")
+
+
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fused_lora_trains_like_peft(dtype, tol):
+    """One fused autograd node per LoRA layer over its packed base: PEFT's output and gradients (for the input,
+    A and B), the base alone when adapters are disabled, and PEFT's own forward back afterwards."""
+    from posttrain.fused_lora import fused_lora
+
+    model = _lora_model()
+    layer = model.base_model.model[0]
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+    def run():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out = model(x)
+        grads = torch.autograd.grad(out.float().pow(2).sum(), [x] + params)
+        return out.float(), grads
+
+    ref, ref_grads = run()
+    with packed_linears(frozen_linears(model), dtype), fused_lora(model):
+        assert type(layer.__dict__.get("forward")).__name__ == "_FusedForward"
+        out, grads = run()
+        with model.disable_adapter(), torch.no_grad():
+            bare = model(x.detach())
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, float(want.abs().max())))
+    with model.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(bare.float(), model(x.detach()), rtol=tol, atol=tol)
+    assert "forward" not in layer.__dict__
+
+
+def test_fused_lora_leaves_layers_with_dropout_to_peft():
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.fused_lora import fused_lora
+
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
+    with packed_linears(frozen_linears(model)), fused_lora(model):
+        assert "forward" not in model.base_model.model[0].__dict__

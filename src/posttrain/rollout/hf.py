@@ -161,10 +161,13 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: Se
         return tokens, logprobs
     scaled = logits / sampling.temperature if sampling.temperature != 1.0 else logits
     logprobs_all = torch.log_softmax(scaled, dim=-1)
-    filtered = filter_logits(scaled, sampling.top_k, sampling.top_p, sampling.min_p)
+    if (sampling.top_k and sampling.top_k < logits.shape[-1]) or sampling.top_p < 1.0 or sampling.min_p > 0.0:
+        probs = torch.softmax(filter_logits(scaled, sampling.top_k, sampling.top_p, sampling.min_p), dim=-1)
+    else:  # nothing filtered: the probabilities are the log-probabilities' exp (no second softmax)
+        probs = logprobs_all.exp()
     # inverse-CDF sampling: one uniform number per row from that row's own generator, then a vectorized
     # search in the float64 cumulative distribution (torch.multinomial per row is ~25 ms at 150k tokens)
-    cdf = torch.softmax(filtered, dim=-1).double().cumsum(-1)
+    cdf = probs.double().cumsum(-1)
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device) for g in generators])
     u = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
@@ -192,7 +195,7 @@ class HFRolloutEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.lean = lean  # the lean decoder forward where it applies (CPU, Llama-family; see rollout.lean)
         self._lean = None  # the LeanDecoder of the running rollout
-        self._packed_cache: dict = {}  # frozen weights packed for oneDNN, kept across rollouts
+        self.packed_cache: dict = {}  # frozen weights packed for oneDNN, kept across rollouts (and steps)
 
     @contextmanager
     def _weights(self, model):
@@ -212,7 +215,7 @@ class HFRolloutEngine:
                 torch.float32, torch.bfloat16):
             self._lean = lean.LeanDecoder(model, merged, self.compute_dtype)
             try:
-                with packed.packed_linears(heads, None, grad_input=False, rows_hint=16, cache=self._packed_cache):
+                with packed.packed_linears(heads, None, grad_input=False, rows_hint=16, cache=self.packed_cache):
                     yield
             finally:
                 self._lean = None
@@ -220,8 +223,8 @@ class HFRolloutEngine:
         inside_lora = tuple(sub for m in merged for sub in m.modules())
         rest = packed.frozen_linears(decoder, exclude=inside_lora + (head,), frozen_only=False)
         with packed.packed_merged_lora(merged, self.compute_dtype), \
-                packed.packed_linears(rest, self.compute_dtype, grad_input=False, rows_hint=16, cache=self._packed_cache), \
-                packed.packed_linears(heads, None, grad_input=False, rows_hint=16, cache=self._packed_cache):
+                packed.packed_linears(rest, self.compute_dtype, grad_input=False, rows_hint=16, cache=self.packed_cache), \
+                packed.packed_linears(heads, None, grad_input=False, rows_hint=16, cache=self.packed_cache):
             yield
 
     def default_stop_ids(self) -> tuple[int, ...]:

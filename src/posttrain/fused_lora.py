@@ -1,0 +1,115 @@
+"""A LoRA layer's training forward and backward as one autograd node over its packed frozen base.
+
+PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: under autocast that is, per layer and
+micro-batch, casts of x, A and B, two small matmuls, a multiply and an add, each its own autograd node, and
+their backward nodes. :class:`_LoraLinearFn` computes the same in the compute dtype with one ``addmm``
+(``y = base(x) + scale * (x A^T) B^T``) and writes the backward by hand::
+
+    dB = scale * g^T (x A^T)      dA = (scale * g B)^T x      dx = g W + (scale * g B) A
+
+(the base weight ``W`` is frozen and packed, :mod:`posttrain.packed`). The same values as PEFT under autocast,
+with fewer passes; used while :func:`fused_lora` runs, for LoRA layers whose base is packed, with one active
+adapter, no dropout, no DoRA and no LoRA bias. Any other layer keeps PEFT's forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from posttrain.packed import PackedWeight, packed_weight
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, b, base: PackedWeight, scale: float):
+        dtype = base.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        ac, bc = a.to(dtype), b.to(dtype)
+        xa = x2 @ ac.t()
+        y = torch.addmm(base._forward(x2), xa, bc.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, ac, bc)
+        ctx.base, ctx.scale, ctx.x_dtype, ctx.lead = base, scale, x.dtype, x.shape[:-1]
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xa, ac, bc = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).to(ac.dtype)
+        gxa = (g2 @ bc).mul_(ctx.scale)                                    # (M, r)
+        gb = (g2.t() @ xa).mul_(ctx.scale) if ctx.needs_input_grad[2] else None
+        ga = gxa.t() @ x2 if ctx.needs_input_grad[1] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = ctx.base.grad_input(g2).addmm_(gxa, ac).view(*ctx.lead, x2.shape[-1]).to(ctx.x_dtype)
+        return gx, ga, gb, None, None
+
+
+class _FusedForward:
+    """The forward installed on a LoRA layer by :func:`fused_lora`."""
+
+    def __init__(self, layer, adapter: str, base: PackedWeight):
+        self.layer, self.adapter, self.base = layer, adapter, base
+
+    def __call__(self, x, *args, **kwargs):
+        layer = self.layer
+        if layer.disable_adapters:  # the reference forward (adapters disabled): the base alone
+            return self.base.linear(x)
+        a, b = layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or x.requires_grad):
+            return _LoraLinearFn.apply(x, a, b, self.base, float(layer.scaling[self.adapter]))
+        with torch.no_grad():
+            return _LoraLinearFn.forward(_NoCtx(), x, a, b, self.base, float(layer.scaling[self.adapter]))
+
+
+class _NoCtx:
+    """A stand-in autograd context for a forward without gradients."""
+
+    needs_input_grad = (False,) * 5
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+def _eligible(layer) -> str | None:
+    """The adapter name when ``layer`` can be fused, else None."""
+    adapters = [n for n in layer.active_adapters if n in layer.lora_A]
+    if len(adapters) != 1 or getattr(layer, "merged", False):
+        return None
+    name = adapters[0]
+    if (not isinstance(layer.lora_dropout[name], torch.nn.Identity) or any(getattr(layer, "use_dora", {}).values())
+            or name in getattr(layer, "lora_variant", {}) or layer.lora_B[name].bias is not None
+            or not isinstance(layer.lora_A[name], torch.nn.Linear)):
+        return None
+    return name
+
+
+@contextmanager
+def fused_lora(model: torch.nn.Module):
+    """While the body runs, every PEFT LoRA layer whose base layer computes with a packed weight (inside
+    :func:`posttrain.packed.packed_linears`) and that qualifies (see the module docstring) trains through one
+    fused autograd node; restored after."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        yield
+        return
+    installed = []
+    try:
+        for m in model.modules():
+            if not isinstance(m, LoraLayer) or "forward" in m.__dict__:
+                continue
+            base = packed_weight(m.get_base_layer())
+            name = _eligible(m)
+            if base is None or name is None:
+                continue
+            m.forward = _FusedForward(m, name, base)
+            installed.append(m)
+        yield
+    finally:
+        for m in installed:
+            del m.forward
+
+
+__all__ = ["fused_lora"]
