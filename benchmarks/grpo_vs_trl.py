@@ -4,15 +4,16 @@ Setting (both systems): SmolLM2-135M-Instruct in fp32, LoRA r 16 / alpha 32 / dr
 projections, 4 prompts x 4 generations, exactly 64 new tokens per completion (EOS cannot end a completion
 early), temperature 1.0, beta 0 (no reference forward), one iteration, loss_type dapo, AdamW (torch), the same
 two reward functions, the same synthetic prompts rendered with SmolLM2's chat template. posttrain trains the
-16 completions in micro-batches of one group (4) with gradient accumulation, a pure memory/speed choice: the
-``dapo`` loss normalizes by the step's token count, so the update is the same as one batch of 16.
+16 completions in micro-batches of two groups (8) with gradient accumulation, a pure memory/speed choice: the
+``dapo`` loss normalizes by the step's token count, so the update is the same as one batch of 16 (TRL's).
 
 TRL runs three ways: its defaults (gradient checkpointing on, bf16 autocast on, as GRPOConfig sets them),
 "tuned" as the issue measured it (gradient checkpointing off, fp32), and "best" (checkpointing off, bf16
 autocast) for CPUs where bf16 is fast (AVX512-BF16 / AMX). posttrain runs with its defaults: float32 master
 weights, ``compute_dtype: auto`` (bf16 autocast for the decoder layers on such CPUs, float32 head and
-log-softmax). Each system runs in its own subprocess, so peak RSS is its own; each runs 1 warm-up step and
-``--steps`` measured steps; ``--rounds 2`` runs the whole sequence twice and keeps each system's faster round
+log-softmax; on CPU its frozen weights packed for oneDNN, the lean decode forward, float32 attention in
+training and one fused autograd node per LoRA layer). Each system runs in its own subprocess, so peak RSS is its
+own; each runs 1 warm-up step and ``--steps`` measured steps; ``--rounds 2`` runs the whole sequence twice and keeps each system's faster round
 (the machine is shared and noisy; ratios hold better than absolute times).
 
 Also printed: posttrain's rollout tokens/s beside plain ``model.generate`` on the same 16 x 64 tokens (sampling,
@@ -91,7 +92,7 @@ def run_posttrain(steps: int, out: Path) -> dict:
     cfg = load_recipe(None, [
         f"model.name={model_dir()}", "data.path=unused", "data.columns={problem: problem, solution: null, answer: answer}",
         "data.template=tokenizer", "data.max_length=512", f"output_dir={out}", "lora.r=16", "lora.alpha=32",
-        f"lora.target_modules=[{','.join(SEVEN)}]", f"train.batch_size={G}", f"train.grad_accum={N_PROMPTS}",
+        f"lora.target_modules=[{','.join(SEVEN)}]", f"train.batch_size={2 * G}", f"train.grad_accum={N_PROMPTS // 2}",
         "train.loss_chunk_size=256",
         f"train.max_steps={steps + 1}", "train.lr=1e-5", "train.warmup_steps=0", "train.scheduler=constant",
         f"grpo.num_generations={G}", f"grpo.max_completion_length={NEW_TOKENS}", "grpo.ignore_eos=true",

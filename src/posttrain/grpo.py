@@ -360,8 +360,7 @@ def frozen_weights(model, compute, cache: dict):
     if compute is None and next(model.parameters()).dtype not in (torch.float32, torch.bfloat16):
         yield
         return
-    launch_ok = compute is not None or not hasattr(model, "_fsdp_wrapped_module")
-    if not (launch_ok and packed.available(next(model.parameters()).device)):
+    if not packed.available(next(model.parameters()).device):
         with layers_in(model, compute, frozen_only=True):
             yield
         return
