@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
         "quickstart", help="SmolLM2-135M on synthetic arithmetic: eval, SFT, eval, GRPO, eval, export, report",
         description="The built-in pipeline (recipes/pipelines/quickstart.yaml): evaluate SmolLM2-135M-Instruct on "
                     "held-out synthetic arithmetic, SFT it on the reasoning format, GRPO it with the verifier's "
-                    "rewards, evaluate after each stage, export merged weights and write report.md. About 10 "
+                    "rewards, evaluate after each stage, export merged weights and write report.md. About 6 "
                     "minutes on a 2-core CPU; rerun to continue an interrupted run.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/quickstart, runs/quickstart-fast with --fast)")
