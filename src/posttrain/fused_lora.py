@@ -57,19 +57,7 @@ class _FusedForward:
         if layer.disable_adapters:  # the reference forward (adapters disabled): the base alone
             return self.base.linear(x)
         a, b = layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or x.requires_grad):
-            return _LoraLinearFn.apply(x, a, b, self.base, float(layer.scaling[self.adapter]))
-        with torch.no_grad():
-            return _LoraLinearFn.forward(_NoCtx(), x, a, b, self.base, float(layer.scaling[self.adapter]))
-
-
-class _NoCtx:
-    """A stand-in autograd context for a forward without gradients."""
-
-    needs_input_grad = (False,) * 5
-
-    def save_for_backward(self, *tensors):
-        pass
+        return _LoraLinearFn.apply(x, a, b, self.base, float(layer.scaling[self.adapter]))
 
 
 def _eligible(layer) -> str | None:

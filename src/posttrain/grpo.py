@@ -356,14 +356,11 @@ def frozen_weights(model, compute, cache: dict):
     frozen head packed in its own dtype (:mod:`posttrain.packed`; same values, 2-3x faster matmuls here).
     LoRA layers over a packed base train through one fused autograd node each (:mod:`posttrain.fused_lora`).
     Elsewhere: frozen weights held as compute-dtype copies for the update (:func:`layers_in`)."""
-    decoder, head = decoder_and_head(model)
-    if compute is None and next(model.parameters()).dtype not in (torch.float32, torch.bfloat16):
-        yield
-        return
     if not packed.available(next(model.parameters()).device):
         with layers_in(model, compute, frozen_only=True):
             yield
         return
+    decoder, head = decoder_and_head(model)
     heads = packed.frozen_linears(head) if isinstance(head, torch.nn.Linear) else []
     with packed.packed_linears(packed.frozen_linears(decoder, exclude=(head,)), compute, cache=cache), \
             packed.packed_linears(heads, None, cache=cache), fused_lora(model):

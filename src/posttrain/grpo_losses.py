@@ -29,8 +29,9 @@ def _logits(hidden: torch.Tensor, weight, bias: torch.Tensor | None, temperature
     return logits / temperature if temperature != 1.0 else logits
 
 
-def _chunk_logps_logz(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                      temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable log-probabilities and entropy of one chunk (checkpointed when the entropy trains)."""
     logits = _logits(hidden, weight, bias, temperature)
     logz = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
@@ -39,18 +40,13 @@ def _chunk_logps_logz(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         entropy = logz - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
     else:
         entropy = logps.new_zeros(())
-    return logps, entropy, logz
-
-
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _chunk_logps_logz(hidden, weight, bias, targets, temperature, with_entropy)[:2]
+    return logps, entropy
 
 
 @torch.no_grad()
 def _chunk_probs(hidden: torch.Tensor, weight, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float,
                  with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_chunk_logps_logz`` without autograd, in fewer passes over the (N, V) chunk: one exp gives logZ, the
+    """``_chunk_logps`` without autograd, in fewer passes over the (N, V) chunk: one exp gives logZ, the
     probabilities and the entropy. Returns ``(logps, entropy, logz, probs)``."""
     logits = _logits(hidden, weight, bias, temperature)
     peak = logits.amax(-1, keepdim=True)

@@ -26,7 +26,7 @@ What makes it cheaper than ``model.generate`` on the same model:
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Sequence
 
 import torch
@@ -194,38 +194,35 @@ class HFRolloutEngine:
         self.compute_dtype = compute_dtype  # e.g. bfloat16: decoder layers in bf16, the head in its own dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.lean = lean  # the lean decoder forward where it applies (CPU, Llama-family; see rollout.lean)
-        self._lean = None  # the LeanDecoder of the running rollout
         self.packed_cache: dict = {}  # frozen weights packed for oneDNN, kept across rollouts (and steps)
 
     @contextmanager
     def _weights(self, model):
-        """The weights a rollout computes with. On a CPU with oneDNN (:mod:`posttrain.packed`): each LoRA layer
-        with one packed merged weight ``W + BA`` (the base weights untouched), the other linears and the head
-        packed (frozen ones once per run), in the compute dtype (the head in its own). Elsewhere: the adapter
-        merged (:func:`merged_lora`) and the decoder held in the compute dtype (:func:`layers_in`)."""
+        """The weights a rollout computes with; yields this rollout's lean decoder, or None for transformers'
+        forward. On a CPU with oneDNN (:mod:`posttrain.packed`): each LoRA layer with one packed merged weight
+        ``W + BA`` (the base weights untouched), the other linears and the head packed (frozen ones once per run),
+        in the compute dtype (the head in its own). Elsewhere: the adapter merged (:func:`merged_lora`) and the
+        decoder held in the compute dtype (:func:`layers_in`)."""
         device = next(model.parameters()).device
-        merged = packed.mergeable_lora_layers(model) if packed.available(device) and self.merge != "none" else None
-        if merged is None:
+        lora = packed.mergeable_lora_layers(model) if packed.available(device) and self.merge != "none" else None
+        if lora is None:
             with merged_lora(model, self.merge), layers_in(model, self.compute_dtype):
-                yield
+                yield None
             return
         decoder, head = decoder_and_head(model)
         heads = packed.frozen_linears(head, frozen_only=False) if isinstance(head, torch.nn.Linear) else []
-        if self.lean and lean.unsupported(model) is None and (self.compute_dtype or head.weight.dtype) in (
-                torch.float32, torch.bfloat16):
-            self._lean = lean.LeanDecoder(model, merged, self.compute_dtype)
-            try:
-                with packed.packed_linears(heads, None, grad_input=False, rows_hint=16, cache=self.packed_cache):
-                    yield
-            finally:
-                self._lean = None
-            return
-        inside_lora = tuple(sub for m in merged for sub in m.modules())
-        rest = packed.frozen_linears(decoder, exclude=inside_lora + (head,), frozen_only=False)
-        with packed.packed_merged_lora(merged, self.compute_dtype), \
-                packed.packed_linears(rest, self.compute_dtype, grad_input=False, rows_hint=16, cache=self.packed_cache), \
-                packed.packed_linears(heads, None, grad_input=False, rows_hint=16, cache=self.packed_cache):
-            yield
+        with ExitStack() as stack:
+            stack.enter_context(packed.packed_linears(heads, None, grad_input=False, rows_hint=16,
+                                                      cache=self.packed_cache))
+            if self.lean and lean.unsupported(model) is None:
+                yield lean.LeanDecoder(model, lora, self.compute_dtype)
+                return
+            inside_lora = tuple(sub for m in lora for sub in m.modules())
+            rest = packed.frozen_linears(decoder, exclude=inside_lora + (head,), frozen_only=False)
+            stack.enter_context(packed.packed_merged_lora(lora, self.compute_dtype))
+            stack.enter_context(packed.packed_linears(rest, self.compute_dtype, grad_input=False, rows_hint=16,
+                                                      cache=self.packed_cache))
+            yield None
 
     def default_stop_ids(self) -> tuple[int, ...]:
         ids = set()
@@ -257,10 +254,11 @@ class HFRolloutEngine:
         was_training = model.training
         model.eval()
         try:
-            with self._weights(model):
+            with self._weights(model) as lean_decoder:
                 for start in range(0, len(order), per_chunk):
                     idx = order[start:start + per_chunk]
-                    out = self._generate_chunk([prompts[i] for i in idx], n, sampling, [seeds[i] for i in idx], stats)
+                    out = self._generate_chunk([prompts[i] for i in idx], n, sampling, [seeds[i] for i in idx], stats,
+                                               lean_decoder)
                     for k, i in enumerate(idx):
                         results[i] = tuple(part[k * n:(k + 1) * n] for part in out)
         finally:
@@ -301,7 +299,7 @@ class HFRolloutEngine:
         return torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, getattr(head, "bias", None)).float()
 
     def _generate_chunk(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seeds: list[int],
-                        stats: dict) -> tuple[list[list[int]], list[list[float]], list[str]]:
+                        stats: dict, lean_decoder=None) -> tuple[list[list[int]], list[list[float]], list[str]]:
         model = self.model
         device = next(model.parameters()).device
         P, N = len(prompts), len(prompts) * n
@@ -315,8 +313,8 @@ class HFRolloutEngine:
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
 
         t0 = time.perf_counter()
-        runner = _LeanRunner(self, self._lean) if self._lean is not None else _HFRunner(self)
-        stats["forward"] = "lean" if self._lean is not None else "transformers"
+        runner = _LeanRunner(self, lean_decoder) if lean_decoder is not None else _HFRunner(self)
+        stats["forward"] = "lean" if lean_decoder is not None else "transformers"
         logits = runner.prefill(input_ids, attn, positions, Lp + sampling.max_new_tokens)
         runner.repeat(n)  # the group's G samples share one prefill
         logits = logits.repeat_interleave(n, dim=0)

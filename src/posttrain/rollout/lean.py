@@ -37,6 +37,9 @@ def unsupported(model) -> str | None:
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r}"
     decoder, _ = decoder_and_head(model)
+    for p in decoder.parameters():
+        if p.__class__ is not torch.nn.Parameter or p.dtype not in (torch.float32, torch.bfloat16):
+            return f"{p.__class__.__name__} weights of dtype {p.dtype} (packed matmuls need float32 or bfloat16)"
     for layer in getattr(decoder, "layers", []):
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "sliding_window", None):
@@ -55,9 +58,6 @@ def _weight(module, lora: set, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     if module in lora:
         return merged_weight(module, dtype)
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if base.weight.__class__ is not torch.nn.Parameter or base.weight.dtype not in (torch.float32, torch.bfloat16,
-                                                                                   torch.float16):
-        raise ValueError(f"{type(base).__name__} weights of dtype {base.weight.dtype} cannot be packed")
     return base.weight.detach().to(dtype), base.bias
 
 
