@@ -116,8 +116,8 @@ def reward_text(prompts, completions, **kwargs):
 
 def run_grpo_posttrain(model_dir: Path, out: Path, a) -> dict:
     from posttrain.config import load_recipe
-    from posttrain.grpo import train
-    from posttrain.grpo_config import GRPORecipe
+    from posttrain.grpo.loop import train
+    from posttrain.grpo.config import GRPORecipe
 
     data = [{"problem": r["problem"], "answer": r["answer"]} for r in rows()]
     cfg = load_recipe(None, [

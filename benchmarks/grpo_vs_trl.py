@@ -83,8 +83,8 @@ def run_posttrain(steps: int, out: Path) -> dict:
     import torch
 
     from posttrain.config import load_recipe
-    from posttrain.grpo import train
-    from posttrain.grpo_config import GRPORecipe
+    from posttrain.grpo.loop import train
+    from posttrain.grpo.config import GRPORecipe
 
     rows = prompts()
     for r in rows:

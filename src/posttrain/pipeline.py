@@ -177,7 +177,7 @@ def _trained_output(run: Path) -> tuple[str, Path]:
 
 def _train_config(stage: Stage, pipe: Pipeline, prev: Path | None):
     from posttrain.config import SFTRecipe, load_recipe
-    from posttrain.grpo_config import GRPORecipe
+    from posttrain.grpo.config import GRPORecipe
 
     overrides = list(stage.spec.get("overrides") or [])
     head = [f"model.name={pipe.model}"] if pipe.model else []
@@ -198,7 +198,7 @@ def _run_train(stage: Stage, cfg) -> dict:
     if stage.command == "sft":
         from posttrain.sft import train
     else:
-        from posttrain.grpo import train
+        from posttrain.grpo.loop import train
     resume = bool(list_checkpoints(stage.dir))
     if not resume and checkpoints_dir(stage.dir).exists():
         shutil.rmtree(checkpoints_dir(stage.dir))  # only incomplete checkpoints: nothing to resume from

@@ -90,8 +90,8 @@ def test_bf16_sft_run(tiny_qwen3, data_file, tmp_path):
 
 def test_bf16_grpo_step(tiny_qwen3, tmp_path):
     from posttrain.config import load_recipe
-    from posttrain.grpo import train
-    from posttrain.grpo_config import GRPORecipe
+    from posttrain.grpo.loop import train
+    from posttrain.grpo.config import GRPORecipe
 
     def short(prompts, completions, completion_ids, **columns):
         return [1.0 / (1 + len(ids)) for ids in completion_ids]

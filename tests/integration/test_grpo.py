@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from posttrain.config import ConfigError, load_recipe
 from posttrain.errors import UserError
-from posttrain.grpo import prepare_prompts, train
-from posttrain.grpo_config import GRPORecipe
+from posttrain.grpo.loop import prepare_prompts, train
+from posttrain.grpo.config import GRPORecipe
 
 REPO = Path(__file__).resolve().parents[2]
 HALF_VOCAB = 75968
@@ -232,7 +232,7 @@ def test_shared_prompt_forward_equals_one_row_per_completion(tiny_qwen3):
     """A group's completions on top of one prompt forward (its KV cache indexed out) give the same log-probs
     and the same gradients as a plain forward of every prompt + completion row."""
     from posttrain.config import LoraConfig, ModelConfig
-    from posttrain.grpo import PolicyLogps, pack_micro_batch, unpad
+    from posttrain.grpo.loop import PolicyLogps, pack_micro_batch, unpad
     from posttrain.models import load_model
 
     torch.manual_seed(0)

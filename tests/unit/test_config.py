@@ -16,7 +16,7 @@ RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name 
 def recipe_class(path: Path):
     data = yaml.safe_load(path.read_text())
     if "grpo" in data:
-        from posttrain.grpo_config import GRPORecipe
+        from posttrain.grpo.config import GRPORecipe
 
         return GRPORecipe
     return SFTRecipe

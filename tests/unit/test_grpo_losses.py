@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.grpo_losses import (
+from posttrain.grpo.losses import (
     aggregate_loss,
     clip_fractions,
     clipped_surrogate,
@@ -57,7 +57,7 @@ def test_selective_log_softmax_matches_full_logits_and_gradients(temperature):
 def test_fused_backward_equals_autograd_through_full_logits(temperature, bias, keep_probs, monkeypatch):
     """The hand-written backward (entropy as a metric only) gives autograd's gradients for hidden, weight, bias,
     with the chunk's probabilities kept from the forward or the logits rebuilt."""
-    import posttrain.grpo_losses as losses
+    import posttrain.grpo.losses as losses
 
     monkeypatch.setattr(losses, "KEEP_PROBS_BYTES", 2**40 if keep_probs else 0)
     g = torch.Generator().manual_seed(1)
@@ -85,8 +85,8 @@ def test_fused_backward_equals_autograd_through_full_logits(temperature, bias, k
 
 @pytest.mark.parametrize("keep_probs", [True, False])
 def test_a_packed_frozen_head_gives_the_same_log_probs_and_hidden_gradient(keep_probs, monkeypatch):
-    import posttrain.grpo_losses as losses
-    from posttrain import packed
+    import posttrain.grpo.losses as losses
+    from posttrain.fastpath import onednn as packed
 
     if not packed.available("cpu"):
         pytest.skip("oneDNN packed linears unavailable")

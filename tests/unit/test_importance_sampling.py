@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from posttrain.grpo_losses import k3_kl, per_token_grpo_loss, truncated_importance_weights
+from posttrain.grpo.losses import k3_kl, per_token_grpo_loss, truncated_importance_weights
 
 
 def test_weights_by_hand():

@@ -1,4 +1,4 @@
-"""The lean decoder forward (posttrain.rollout.lean) against transformers' own forward, on tiny random
+"""The lean decoder forward (posttrain.fastpath.lean) against transformers' own forward, on tiny random
 Llama (q/k/v/o biases), Qwen2 (q/k/v biases) and Qwen3 (q/k norms) models with a non-zero LoRA adapter:
 the same sampled tokens and log-probabilities; models it does not support fall back to transformers."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain import packed
+from posttrain.fastpath import onednn as packed
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
-from posttrain.rollout.lean import unsupported
+from posttrain.fastpath.lean import unsupported
 
 pytestmark = pytest.mark.skipif(not packed.available("cpu"), reason="the lean decoder needs oneDNN packed linears")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

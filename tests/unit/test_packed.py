@@ -1,4 +1,4 @@
-"""Frozen linears packed for oneDNN (posttrain.packed): same values and input gradients as F.linear, forwards
+"""Frozen linears packed for oneDNN (posttrain.fastpath.onednn): same values and input gradients as F.linear, forwards
 installed and restored, packed copies reused only while the weight is unchanged, LoRA merged without
 touching the base."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain import packed
-from posttrain.packed import (PackedWeight, frozen_linears, merged_weight, mergeable_lora_layers, packed_linears,
+from posttrain.fastpath import onednn as packed
+from posttrain.fastpath.onednn import (PackedWeight, frozen_linears, merged_weight, mergeable_lora_layers, packed_linears,
                               packed_weight)
 
 pytestmark = pytest.mark.skipif(not packed.available("cpu"), reason="oneDNN packed linears unavailable")
@@ -124,7 +124,7 @@ def test_available_only_on_cpu_and_can_be_turned_off(monkeypatch):
 def test_fused_lora_trains_like_peft(dtype, tol):
     """One fused autograd node per LoRA layer over its packed base: PEFT's output and gradients (for the input,
     A and B), the base alone when adapters are disabled, and PEFT's own forward back afterwards."""
-    from posttrain.fused_lora import fused_lora
+    from posttrain.fastpath.fused_lora import fused_lora
 
     model = _lora_model()
     layer = model.base_model.model[0]
@@ -155,7 +155,7 @@ def test_fused_lora_trains_like_peft(dtype, tol):
 def test_fused_lora_leaves_layers_with_dropout_to_peft():
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.fused_lora import fused_lora
+    from posttrain.fastpath.fused_lora import fused_lora
 
     base = torch.nn.Sequential(torch.nn.Linear(16, 8))
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))

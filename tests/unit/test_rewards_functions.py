@@ -7,7 +7,7 @@ import re
 import pytest
 
 from posttrain.rewards import Verdict, generation_suffix, get_reward_funcs
-from posttrain.rewards.pool import default_pool
+from posttrain.verify.pool import default_pool
 from posttrain.rewards.functions import BoxedFormat, MathAccuracy, SoftOverlong, ThinkFormat
 from posttrain.rewards.unsloth import AnswerTiers, FormatApprox, FormatExact, NumberMatch
 

@@ -9,7 +9,7 @@ import pytest
 
 from posttrain.errors import UserError
 from posttrain.rewards import RewardFailureError, RewardSet, get_reward_funcs
-from posttrain.rewards.pool import default_pool
+from posttrain.verify.pool import default_pool
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ from fractions import Fraction
 
 import pytest
 
-from posttrain.rewards.algebra import NeedSymbolic, TooLarge, _exact_root, squarefree_split
-from posttrain.rewards.evaluate import evaluate
-from posttrain.rewards.latex_parse import parse
-from posttrain.rewards.normalize import normalize
-from posttrain.rewards.verifier import verify_fast
+from posttrain.verify.algebra import NeedSymbolic, TooLarge, _exact_root, squarefree_split
+from posttrain.verify.evaluate import evaluate
+from posttrain.verify.latex_parse import parse
+from posttrain.verify.normalize import normalize
+from posttrain.verify.verifier import verify_fast
 
 
 def test_squarefree_split_against_brute_force():

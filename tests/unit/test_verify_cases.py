@@ -5,7 +5,7 @@ import time
 import pytest
 
 from posttrain.rewards import Verdict, verify
-from posttrain.rewards.pool import default_pool
+from posttrain.verify.pool import default_pool
 from tests.unit.verify_cases import CASES
 
 TIMEOUT_S = 10.0  # generous: sympy cases take < 0.3 s here, but the 2-core test box is shared and loaded

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from posttrain.rewards import extract_answer
-from posttrain.rewards.extract import find_boxes
+from posttrain.verify.extract import find_boxes
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 
 from posttrain.config import ConfigError, load_recipe
 from posttrain.errors import UserError
-from posttrain.grpo_config import GRPORecipe, VLLMConfig
+from posttrain.grpo.config import GRPORecipe, VLLMConfig
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.hf import _mix
 from posttrain.rollout.vllm import (build_rollouts, completion_request, completion_seeds, llm_kwargs,

@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from posttrain.config import load_recipe
-    from posttrain.grpo import train
-    from posttrain.grpo_config import GRPORecipe
+    from posttrain.grpo.loop import train
+    from posttrain.grpo.config import GRPORecipe
 
     cfg = load_recipe(args.recipe, args.overrides, GRPORecipe)
     train(cfg, resume=args.resume)

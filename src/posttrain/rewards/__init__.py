@@ -11,8 +11,8 @@ A reward is TRL's plain function ``(prompts, completions, **columns) -> list[flo
 Heavy modules (sympy) load only in the worker processes.
 """
 
-from posttrain.rewards.extract import STYLES, extract_answer
-from posttrain.rewards.verifier import Verdict, verify
+from posttrain.verify.extract import STYLES, extract_answer
+from posttrain.verify.verifier import Verdict, verify
 
 __all__ = [
     "STYLES",
@@ -30,7 +30,7 @@ __all__ = [
 
 def __getattr__(name):  # lazy: keep `import posttrain.rewards` cheap
     if name == "VerifierPool":
-        from posttrain.rewards.pool import VerifierPool
+        from posttrain.verify.pool import VerifierPool
 
         return VerifierPool
     if name in ("get_reward_funcs", "resolve_rewards", "RewardSet", "RewardFailureError"):

@@ -19,8 +19,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from posttrain.rewards.extract import DEFAULT_TAGS, extract_answer, last_boxed
-from posttrain.rewards.verifier import gold_parseable
+from posttrain.verify.extract import DEFAULT_TAGS, extract_answer, last_boxed
+from posttrain.verify.verifier import gold_parseable
 
 GOLD_COLUMNS = ("answer", "solution", "ground_truth", "gold", "reward_model")
 
@@ -154,7 +154,7 @@ class MathAccuracy(RewardFunction):
                                         last_number=self.last_number, prompt_suffix=prefix))
         pool = self.pool
         if pool is None:
-            from posttrain.rewards.pool import default_pool
+            from posttrain.verify.pool import default_pool
 
             pool = default_pool()
         todo = [i for i, p in enumerate(preds) if p is not None]

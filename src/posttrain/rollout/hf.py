@@ -7,11 +7,11 @@ What makes it cheaper than ``model.generate`` on the same model:
    prefill instead of computing it G times.
 2. **Merged LoRA while generating.** A decode step costs what the base model costs: no extra LoRA matmuls and
    no PEFT dispatch per layer. On a CPU with oneDNN each LoRA layer computes with one packed copy of
-   ``W + BA`` (:mod:`posttrain.packed`; the base weights are never written). Elsewhere the adapter is folded
+   ``W + BA`` (:mod:`posttrain.fastpath.onednn`; the base weights are never written). Elsewhere the adapter is folded
    into the base weights for the rollout and taken out afterwards (:func:`merged_lora`): fp32 weights in place
    (``W += BA``, then ``W -= BA``: the round trip moves a weight by at most an ulp), 16-bit weights backed up to
    host memory and restored exactly; 4-bit weights are left unmerged (folding into NF4 would re-quantize them).
-3. **A lean forward where it applies** (:mod:`posttrain.rollout.lean`: Llama-family models on CPU): fused
+3. **A lean forward where it applies** (:mod:`posttrain.fastpath.lean`: Llama-family models on CPU): fused
    q/k/v and gate/up matmuls on packed weights and a preallocated KV cache, instead of transformers' forward
    and its ``DynamicCache``; other models run through transformers' forward (``stats["forward"]`` says which).
 4. **Finished rows leave the batch.** When a completion stops, its row is removed from the input, the
@@ -31,9 +31,10 @@ from typing import Sequence
 
 import torch
 
-from posttrain import packed
+from posttrain.fastpath import onednn as packed
 from posttrain.models import autocast_to, decoder_and_head
-from posttrain.rollout import Rollouts, SamplingParams, lean
+from posttrain.fastpath import lean
+from posttrain.rollout import Rollouts, SamplingParams
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ class HFRolloutEngine:
     @contextmanager
     def _weights(self, model):
         """The weights a rollout computes with; yields this rollout's lean decoder, or None for transformers'
-        forward. On a CPU with oneDNN (:mod:`posttrain.packed`): each LoRA layer with one packed merged weight
+        forward. On a CPU with oneDNN (:mod:`posttrain.fastpath.onednn`): each LoRA layer with one packed merged weight
         ``W + BA`` (the base weights untouched), the other linears and the head packed (frozen ones once per run),
         in the compute dtype (the head in its own). Elsewhere: the adapter merged (:func:`merged_lora`) and the
         decoder held in the compute dtype (:func:`layers_in`)."""
@@ -399,7 +400,7 @@ class _HFRunner:
 
 
 class _LeanRunner:
-    """Prefill and decode steps through :class:`posttrain.rollout.lean.LeanDecoder` and its preallocated cache."""
+    """Prefill and decode steps through :class:`posttrain.fastpath.lean.LeanDecoder` and its preallocated cache."""
 
     def __init__(self, engine: HFRolloutEngine, lean):
         self.engine, self.lean, self.cache, self.col = engine, lean, None, 0

@@ -6,7 +6,7 @@ deadline; a worker that misses it is killed (SIGKILL) and replaced, the task's v
 ``timeout`` (counted in ``stats``), and the pool keeps going. Workers also run under an address-space
 limit, so a runaway allocation ends in a MemoryError verdict instead of swapping the machine.
 
-Workers are fresh interpreters (``python -m posttrain.rewards.worker``) talking over a socket pair:
+Workers are fresh interpreters (``python -m posttrain.verify.worker``) talking over a socket pair:
 nothing is inherited from the parent (torch, CUDA, threads), and, unlike multiprocessing's spawn and
 forkserver methods, the caller's main module is never re-imported, so ``verify()`` works from an
 unguarded script too. A worker is ready after importing sympy (about a second); they start on first use.
@@ -26,7 +26,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from posttrain.rewards.verifier import DEFAULT_TIMEOUT, Verdict, verify_fast
+from posttrain.verify.verifier import DEFAULT_TIMEOUT, Verdict, verify_fast
 
 START_TIMEOUT = 120.0
 
@@ -136,7 +136,7 @@ class VerifierPool:
         env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "posttrain.rewards.worker", str(child.fileno()), str(self.memory_limit_mb or 0)],
+                [sys.executable, "-m", "posttrain.verify.worker", str(child.fileno()), str(self.memory_limit_mb or 0)],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
             )
         finally:

@@ -6,7 +6,7 @@ Why: at a decode step of 16 rows, SmolLM2-135M's matmuls take ~10 ms, but transf
 three q/k/v and two gate/up matmuls, module dispatch) took ~30 ms more. Here, per layer and step:
 
 - one matmul for q, k and v and one for gate and up (weights concatenated, LoRA merged in: ``W + BA``), each
-  packed for oneDNN (:mod:`posttrain.packed`), in the compute dtype;
+  packed for oneDNN (:mod:`posttrain.fastpath.onednn`), in the compute dtype;
 - keys and values written in place into a cache allocated once for prompt + ``max_new_tokens``;
 - RMSNorm, rotary embedding (the model's own rotary module, so every RoPE scaling variant is the model's),
   ``scaled_dot_product_attention`` with grouped-query heads, and SiLU gating, as transformers computes them.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from posttrain.packed import PackedWeight, merged_weight
+from posttrain.fastpath.onednn import PackedWeight, merged_weight
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -80,7 +80,7 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class LeanDecoder:
     """Packed weights of one rollout (build one per rollout: the LoRA deltas change every step) and the forward.
 
-    ``lora``: the model's LoRA layers (:func:`posttrain.packed.mergeable_lora_layers`), merged into the packed
+    ``lora``: the model's LoRA layers (:func:`posttrain.fastpath.onednn.mergeable_lora_layers`), merged into the packed
     weights; ``dtype``: the matmul dtype (None: the weights' own)."""
 
     @torch.no_grad()

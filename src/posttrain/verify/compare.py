@@ -23,7 +23,7 @@ from __future__ import annotations
 from decimal import Decimal
 from fractions import Fraction
 
-from posttrain.rewards.algebra import (
+from posttrain.verify.algebra import (
     RF,
     TRANSCENDENTAL,
     Budget,
@@ -36,8 +36,8 @@ from posttrain.rewards.algebra import (
     is_finite_decimal,
     real_sign,
 )
-from posttrain.rewards.evaluate import Inf, canonical_bigpow, evaluate
-from posttrain.rewards.latex_parse import expand_pm
+from posttrain.verify.evaluate import Inf, canonical_bigpow, evaluate
+from posttrain.verify.latex_parse import expand_pm
 
 REL_TOL = Decimal("1e-4")
 _FLIP = {">": "<", ">=": "<="}

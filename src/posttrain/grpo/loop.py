@@ -48,18 +48,18 @@ from pathlib import Path
 
 import torch
 
-from posttrain import packed
-from posttrain.allocator import keep_freed_memory
-from posttrain.fused_lora import fused_lora
+from posttrain.fastpath import onednn as packed
+from posttrain.fastpath.allocator import keep_freed_memory
+from posttrain.fastpath.fused_lora import fused_lora
 from posttrain.checkpoint import collect_rank_rng, load_checkpoint, save_checkpoint
 from posttrain.config import save_recipe
 from posttrain.errors import UserError
-from posttrain.grpo_config import GRPORecipe, check_group_batch
-from posttrain.grpo_data import (PromptStream, build_rewards, collect_groups, log_completions, prepare_prompts,
+from posttrain.grpo.config import GRPORecipe, check_group_batch
+from posttrain.grpo.data import (PromptStream, build_rewards, collect_groups, log_completions, prepare_prompts,
                                  reward_metrics)
-from posttrain.grpo_losses import (aggregate_loss, clip_fractions, group_advantages, masked_mean, per_token_grpo_loss,
+from posttrain.grpo.losses import (aggregate_loss, clip_fractions, group_advantages, masked_mean, per_token_grpo_loss,
                                    selective_log_softmax, zero_std_groups)
-from posttrain.grpo_losses import truncated_importance_weights
+from posttrain.grpo.losses import truncated_importance_weights
 from posttrain.distributed import (GatheredRollouts, accelerator_kwargs, accumulation, backward, check_launch,
                                    finish_step, full_trainable_state, prepare, sharded_optimizer)
 from posttrain.models import (autocast_to, decoder_and_head, float32_attention, load_model, load_starting_model,
@@ -353,8 +353,8 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
 def frozen_weights(model, compute, cache: dict):
     """How the weights that do not train compute during an update. On a CPU with oneDNN (single process or
     DDP): the decoder's frozen linears (a LoRA model's base) packed once per run in the compute dtype, and a
-    frozen head packed in its own dtype (:mod:`posttrain.packed`; same values, 2-3x faster matmuls here).
-    LoRA layers over a packed base train through one fused autograd node each (:mod:`posttrain.fused_lora`).
+    frozen head packed in its own dtype (:mod:`posttrain.fastpath.onednn`; same values, 2-3x faster matmuls here).
+    LoRA layers over a packed base train through one fused autograd node each (:mod:`posttrain.fastpath.fused_lora`).
     Elsewhere: frozen weights held as compute-dtype copies for the update (:func:`layers_in`)."""
     if not packed.available(next(model.parameters()).device):
         with layers_in(model, compute, frozen_only=True):

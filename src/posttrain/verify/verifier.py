@@ -20,11 +20,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from posttrain.rewards.algebra import NeedSymbolic
-from posttrain.rewards.compare import Comparer
-from posttrain.rewards.extract import find_boxes
-from posttrain.rewards.latex_parse import ParseError, parse
-from posttrain.rewards.normalize import MAX_ANSWER_CHARS, compact, normalize
+from posttrain.verify.algebra import NeedSymbolic
+from posttrain.verify.compare import Comparer
+from posttrain.verify.extract import find_boxes
+from posttrain.verify.latex_parse import ParseError, parse
+from posttrain.verify.normalize import MAX_ANSWER_CHARS, compact, normalize
 
 DEFAULT_TIMEOUT = 2.0
 _COMMA_NUMBER_RE = re.compile(r"^\s*\$?\s*-?\d{1,3}(,\d{3})+(\.\d+)?\s*$")
@@ -184,7 +184,7 @@ def gold_parseable(gold: str) -> bool:
 
 def verify_symbolic(prediction: str, gold: str) -> Verdict:
     """All rungs including sympy; runs inside a worker process (pool.py)."""
-    from posttrain.rewards.symbolic import SympyBackend, latex2sympy_fallback
+    from posttrain.verify.symbolic import SympyBackend, latex2sympy_fallback
 
     st = _stage(prediction, gold)
     if st.verdict is not None:
@@ -196,13 +196,13 @@ def verify_symbolic(prediction: str, gold: str) -> Verdict:
         except Exception as exc:  # noqa: BLE001 - report sympy's failure as a verdict
             if isinstance(exc, (MemoryError, RecursionError)):
                 return Verdict(False, "too_large", st.pred, st.gold)
-            from posttrain.rewards.algebra import TooLarge
+            from posttrain.verify.algebra import TooLarge
 
             if isinstance(exc, TooLarge):
                 return Verdict(False, "too_large", st.pred, st.gold)
             return Verdict(False, f"error:{type(exc).__name__}", st.pred, st.gold)
     # one side (or both) only parses with latex2sympy2_extended: compare as scalars
-    from posttrain.rewards.symbolic import to_sympy
+    from posttrain.verify.symbolic import to_sympy
 
     sides = []
     for ast, norm in ((st.pred_ast, st.pred), (st.gold_ast, st.gold)):
@@ -254,7 +254,7 @@ def verify(prediction: str, gold: str, *, timeout: float | None = None, pool=Non
     if fast is not None:
         return fast
     if pool is None:
-        from posttrain.rewards.pool import default_pool
+        from posttrain.verify.pool import default_pool
 
         pool = default_pool()
     return pool.verify(prediction, gold, timeout=timeout)

@@ -7,7 +7,7 @@ their backward nodes. :class:`_LoraLinearFn` computes the same in the compute dt
 
     dB = scale * g^T (x A^T)      dA = (scale * g B)^T x      dx = g W + (scale * g B) A
 
-(the base weight ``W`` is frozen and packed, :mod:`posttrain.packed`). The same values as PEFT under autocast,
+(the base weight ``W`` is frozen and packed, :mod:`posttrain.fastpath.onednn`). The same values as PEFT under autocast,
 with fewer passes; used while :func:`fused_lora` runs, for LoRA layers whose base is packed, with one active
 adapter, no dropout, no DoRA and no LoRA bias. Any other layer keeps PEFT's forward.
 """
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from posttrain.packed import PackedWeight, packed_weight
+from posttrain.fastpath.onednn import PackedWeight, packed_weight
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -76,7 +76,7 @@ def _eligible(layer) -> str | None:
 @contextmanager
 def fused_lora(model: torch.nn.Module):
     """While the body runs, every PEFT LoRA layer whose base layer computes with a packed weight (inside
-    :func:`posttrain.packed.packed_linears`) and that qualifies (see the module docstring) trains through one
+    :func:`posttrain.fastpath.onednn.packed_linears`) and that qualifies (see the module docstring) trains through one
     fused autograd node; restored after."""
     try:
         from peft.tuners.lora import LoraLayer

@@ -24,7 +24,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 
 def _logits(hidden: torch.Tensor, weight, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """float32 ``hidden @ weight.T + bias`` over temperature; ``weight`` may be a frozen packed weight
-    (:class:`posttrain.packed.PackedWeight`, its bias included)."""
+    (:class:`posttrain.fastpath.onednn.PackedWeight`, its bias included)."""
     logits = weight.linear(hidden).float() if hasattr(weight, "linear") else F.linear(hidden, weight, bias).float()
     return logits / temperature if temperature != 1.0 else logits
 
@@ -129,7 +129,7 @@ def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     head matmul less per chunk); beyond that they are rebuilt in the backward pass (by :class:`_FusedChunkLogps`,
     or by checkpointing when the entropy itself carries a gradient). The entropy carries a
     gradient only with ``entropy_grad`` (an entropy bonus); as a metric it is detached. ``packed``: the same
-    weight (and bias), frozen and packed for oneDNN (:mod:`posttrain.packed`): used for the matmuls instead.
+    weight (and bias), frozen and packed for oneDNN (:mod:`posttrain.fastpath.onednn`): used for the matmuls instead.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from posttrain.rewards.algebra import (
+from posttrain.verify.algebra import (
     E,
     MAX_BITS,
     MAX_FACT,

@@ -17,8 +17,8 @@ from posttrain.data.formats import is_numeric_answer
 from posttrain.data.loading import load_rows
 from posttrain.data.templates import install_template
 from posttrain.errors import UserError
-from posttrain.grpo_config import GRPORecipe
-from posttrain.grpo_losses import mask_truncated, zero_std_groups
+from posttrain.grpo.config import GRPORecipe
+from posttrain.grpo.losses import mask_truncated, zero_std_groups
 
 PROMPT_COLUMNS = ("prompt", "problem", "question")
 

@@ -17,7 +17,7 @@ AST nodes are tuples whose first element is the kind:
 
 from __future__ import annotations
 
-from posttrain.rewards.latex_lex import ParseError, collapse_parens, number, tokenize
+from posttrain.verify.latex_lex import ParseError, collapse_parens, number, tokenize
 
 MAX_DEPTH = 400
 MAX_ITEMS = 64

@@ -1,4 +1,4 @@
-"""A verifier worker process: ``python -m posttrain.rewards.worker FD MEMORY_LIMIT_MB``.
+"""A verifier worker process: ``python -m posttrain.verify.worker FD MEMORY_LIMIT_MB``.
 
 Started by ``pool.VerifierPool``. Talks over the inherited socket ``FD`` with multiprocessing's
 ``Connection`` framing: receives ``(task_id, op, args)``, answers ``(task_id, Verdict)``; ``None`` or
@@ -14,7 +14,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-from posttrain.rewards.verifier import Verdict
+from posttrain.verify.verifier import Verdict
 
 
 def serve(conn, memory_limit_mb: int | None) -> None:
@@ -24,10 +24,10 @@ def serve(conn, memory_limit_mb: int | None) -> None:
 
             limit = memory_limit_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        from posttrain.rewards.verifier import verify_symbolic
+        from posttrain.verify.verifier import verify_symbolic
 
         import latex2sympy2_extended.latex2sympy2  # noqa: F401 - the fallback parser, so no task pays its import
-        import posttrain.rewards.symbolic  # noqa: F401 - import sympy before saying "ready"
+        import posttrain.verify.symbolic  # noqa: F401 - import sympy before saying "ready"
     except BaseException as exc:  # noqa: BLE001 - tell the parent why we cannot work
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return

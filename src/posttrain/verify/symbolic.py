@@ -21,9 +21,9 @@ from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, localcontext
 
 import sympy as sp
 
-from posttrain.rewards.algebra import E, MAX_FACT, PI, RF, Budget, NeedSymbolic, NotScalar, TooLarge, Undefined
-from posttrain.rewards.compare import REL_TOL, _decimal_places
-from posttrain.rewards.evaluate import Inf, evaluate
+from posttrain.verify.algebra import E, MAX_FACT, PI, RF, Budget, NeedSymbolic, NotScalar, TooLarge, Undefined
+from posttrain.verify.compare import REL_TOL, _decimal_places
+from posttrain.verify.evaluate import Inf, evaluate
 
 MAX_SYMBOLIC_EXP = 200
 _DEC = Context(prec=60, Emax=MAX_EMAX, Emin=MIN_EMIN)

@@ -1,0 +1,1 @@
+"""GRPO: config, typed rollout data, pure losses and the training loop."""
