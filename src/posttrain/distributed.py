@@ -57,14 +57,15 @@ def check_launch(accelerator, *, variable_micro_batches: bool = False) -> str:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not kind.startswith("fsdp"):
         raise UserError(
             f"the accelerate config asks for FSDP but accelerate runs {kind} here ({accelerator.device}): accelerate "
-            "enables FSDP only on GPUs. On CPU use recipes/accelerate/cpu_2proc.yaml (DDP over gloo)")
+            "enables FSDP only on GPUs. On CPU use the shipped accelerate/cpu_2proc.yaml (DDP over gloo; "
+            "`posttrain recipes accelerate/cpu_2proc` prints its path)")
     if kind == "fsdp1":
         raise UserError("FSDP1 is not supported: set fsdp_config.fsdp_version: 2 in the accelerate config "
-                        "(see recipes/accelerate/fsdp2_8gpu.yaml)")
+                        "(see the shipped accelerate/fsdp2_8gpu.yaml: `posttrain recipes accelerate/fsdp2_8gpu`)")
     if kind == "deepspeed" and variable_micro_batches:
         raise UserError("DeepSpeed counts a fixed number of micro-batches per optimizer step, but "
                         "grpo.dynamic_sampling changes it from step to step: use DDP or FSDP2 "
-                        "(recipes/accelerate/ddp_8gpu.yaml, fsdp2_8gpu.yaml), or grpo.dynamic_sampling=false")
+                        "(the shipped accelerate/ddp_8gpu.yaml, fsdp2_8gpu.yaml), or grpo.dynamic_sampling=false")
     return kind
 
 
@@ -175,6 +176,15 @@ class GatheredRollouts:
         return getattr(self.engine, name)
 
 
+def gather_all(values: list, world: int) -> list:
+    """This process's list -> every process's items, in rank order (Python objects; one process: a copy)."""
+    if world == 1:
+        return list(values)
+    from accelerate.utils import gather_object
+
+    return [x for part in gather_object([list(values)]) for x in part]
+
+
 def full_trainable_state(model) -> dict[str, torch.Tensor]:
     """Name -> whole CPU tensor of every trainable parameter (the adapter, or all weights in full
     fine-tuning). A collective under FSDP2 and ZeRO-3: every rank must call it."""
@@ -216,5 +226,5 @@ def sharded_optimizer(model) -> bool:
                 os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
 
 
-__all__ = ["GatheredRollouts", "accelerator_kwargs", "accumulation", "backward", "check_launch", "finish_step", "full_params",
+__all__ = ["GatheredRollouts", "accelerator_kwargs", "gather_all", "accumulation", "backward", "check_launch", "finish_step", "full_params",
            "full_trainable_state", "grad_norm", "launch_kind", "load_trainable_state", "prepare", "sharded_optimizer"]

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import importlib.util
 import json
@@ -242,31 +241,6 @@ def autocast_to(device_type: str, dtype):
     import torch
 
     return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-@contextmanager
-def float32_attention(device_type: str, compute_dtype):
-    """While the body runs, transformers' ``sdpa`` attention computes in float32 when a 16-bit compute dtype is
-    autocast on CPU: there the bf16 kernel's backward is ~3x slower than float32's (5.0 vs 1.9 ms at 4 x 9 heads x
-    64 x 104), and on CPU under autocast q and k already arrive in float32 (rotary promotion). The projections
-    around it stay in the compute dtype. Nothing changes on GPUs or without a compute dtype."""
-    if device_type != "cpu" or compute_dtype is None:
-        yield
-        return
-    import torch
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def sdpa_float32(module, query, key, value, attention_mask, *args, **kwargs):
-        with torch.autocast(device_type, enabled=False):
-            return inner(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
-
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_float32
-    try:
-        yield
-    finally:
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = inner
 
 
 def resolve_compute_dtype(name: str, model, cpu_auto: bool = True):

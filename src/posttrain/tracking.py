@@ -66,7 +66,7 @@ class MetricsLogger:
                 sink.finish()
 
 
-SHOWN = ("loss", "val_loss", "grad_norm", "lr", "tokens_per_s", "padding_pct", "reward", "reward_std", "kl",
+SHOWN = ("loss", "val_loss", "grad_norm", "learning_rate", "tokens_per_s", "padding_pct", "reward", "reward_std", "kl",
          "completions/mean_length", "step_time")
 
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from posttrain.config import ConfigError, load_recipe
 from posttrain.errors import UserError
-from posttrain.grpo.loop import prepare_prompts, train
+from posttrain.grpo.data import prepare_prompts
+from posttrain.grpo.loop import train
 from posttrain.grpo.config import GRPORecipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,7 +185,7 @@ def test_prompt_length_rule_and_dropped_count(qwen_tok, tiny_qwen3, tmp_path):
     cfg = recipe(tiny_qwen3, tmp_path / "x", "grpo.max_prompt_length=auto", "grpo.max_completion_length=null",
                  "data.max_length=100", "data.columns={problem: prompt, solution: null, answer: answer}")
     prompts, stats = prepare_prompts(cfg, qwen_tok, rows)
-    lengths = sorted(len(p["ids"]) for p in prompts)
+    lengths = sorted(len(p.ids) for p in prompts)
     import numpy as np
 
     all_lengths = [len(qwen_tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
@@ -194,7 +195,7 @@ def test_prompt_length_rule_and_dropped_count(qwen_tok, tiny_qwen3, tmp_path):
     assert stats["max_prompt_length"] == q and lengths[-1] <= q
     assert stats["dropped_too_long"] == sum(n > q for n in all_lengths) == 2
     assert stats["max_completion_length"] == 100 - lengths[-1]
-    assert prompts[0]["columns"]["answer"] == "0"  # every other column reaches the rewards
+    assert prompts[0].columns["answer"] == "0"  # every other column reaches the rewards
 
 
 def test_bad_batches_are_errors_that_say_which_numbers_work(tiny_qwen3, tmp_path):
@@ -232,7 +233,9 @@ def test_shared_prompt_forward_equals_one_row_per_completion(tiny_qwen3):
     """A group's completions on top of one prompt forward (its KV cache indexed out) give the same log-probs
     and the same gradients as a plain forward of every prompt + completion row."""
     from posttrain.config import LoraConfig, ModelConfig
-    from posttrain.grpo.loop import PolicyLogps, pack_micro_batch, unpad
+    from posttrain.grpo.batch import MicroBatch, unpad
+    from posttrain.grpo.data import Sample
+    from posttrain.grpo.loop import PolicyLogps
     from posttrain.models import load_model
 
     torch.manual_seed(0)
@@ -243,16 +246,16 @@ def test_shared_prompt_forward_equals_one_row_per_completion(tiny_qwen3):
                 p.normal_(0, 0.05)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 5000, (n,), generator=g).tolist() for n in (7, 4, 9)]
-    items = []
+    samples = []
     for p in prompts:
         for length in (5, 1, 3):
-            c = torch.randint(0, 5000, (6,), generator=g).tolist()
-            items.append({"prompt": p, "completion": c, "length": length, "mask": torch.ones(length),
-                          "advantage": 1.0})
+            c = torch.randint(0, 5000, (length,), generator=g).tolist()
+            samples.append(Sample(prompt_ids=p, completion_ids=c, mask=torch.ones(length), sample_logps=None, text="",
+                                  finish="stop", truncated=False, reward=0.0, per_reward={}, advantage=1.0))
     policy = PolicyLogps(model, temperature=0.7, chunk_size=5)
     results = []
     for share in (False, True):
-        b = pack_micro_batch(items, tok.pad_token_id, "cpu", share_prompts=share)
+        b = (MicroBatch.shared if share else MicroBatch.plain)(samples, tok.pad_token_id)
         lp, ent = policy(b)
         logps = unpad(lp, b)
         (logps * torch.arange(1, 7)[:6].float()[:logps.shape[1]]).sum().backward()

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from posttrain.losses import IGNORE_INDEX, chunked_cross_entropy_sum, shift_labels, shift_labels_packed
+from posttrain.losses import IGNORE_INDEX, chunked_cross_entropy_sum, module_head, shift_labels, shift_labels_packed
 
 
 def test_chunked_equals_unchunked_loss_and_grads():
@@ -14,7 +14,7 @@ def test_chunked_equals_unchunked_loss_and_grads():
     full = F.cross_entropy(head(hidden).float().reshape(-1, 1000), labels.reshape(-1), reduction="sum")
     g_full = torch.autograd.grad(full, [hidden, head.weight])
     for chunk in (1, 7, 64, 4096):
-        got = chunked_cross_entropy_sum(hidden, head, labels, chunk)
+        got = chunked_cross_entropy_sum(hidden, module_head(head), labels, chunk)
         assert abs(got.item() - full.item()) <= 1e-5 * abs(full.item())
         g = torch.autograd.grad(got, [hidden, head.weight])
         for a, b in zip(g, g_full):

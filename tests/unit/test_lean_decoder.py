@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.fastpath import onednn as packed
+from posttrain.fastpath import onednn
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
 from posttrain.fastpath.lean import unsupported
 
-pytestmark = pytest.mark.skipif(not packed.available("cpu"), reason="the lean decoder needs oneDNN packed linears")
+pytestmark = pytest.mark.skipif(not onednn.available("cpu"), reason="the lean decoder needs oneDNN packed linears")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

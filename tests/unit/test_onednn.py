@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain.fastpath import onednn as packed
-from posttrain.fastpath.onednn import (PackedWeight, frozen_linears, merged_weight, mergeable_lora_layers, packed_linears,
-                              packed_weight)
+from posttrain.fastpath import onednn
+from posttrain.fastpath.onednn import (PrepackedWeight, frozen_linears, merged_weight, mergeable_lora_layers, prepacked_linears,
+                              prepacked_weight)
 
-pytestmark = pytest.mark.skipif(not packed.available("cpu"), reason="oneDNN packed linears unavailable")
+pytestmark = pytest.mark.skipif(not onednn.available("cpu"), reason="oneDNN packed linears unavailable")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -25,7 +25,7 @@ def test_packed_linear_equals_f_linear_with_input_gradient(dtype, tol, bias):
     ref = F.linear(x, w, b)
     g = torch.randn_like(ref)
     (gref,) = torch.autograd.grad(ref, x, g)
-    pw = PackedWeight(w, b)
+    pw = PrepackedWeight(w, b)
     out = pw.linear(x)
     (gout,) = torch.autograd.grad(out, x, g)
     assert out.shape == ref.shape and out.dtype == dtype
@@ -36,7 +36,7 @@ def test_packed_linear_equals_f_linear_with_input_gradient(dtype, tol, bias):
 
 
 def test_without_grad_input_a_backward_is_an_error():
-    pw = PackedWeight(torch.randn(8, 4), grad_input=False)
+    pw = PrepackedWeight(torch.randn(8, 4), grad_input=False)
     x = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="without grad_input"):
         pw.linear(x).sum().backward()
@@ -47,24 +47,24 @@ def test_packed_linears_install_restore_and_reuse_until_the_weight_changes():
     lin = torch.nn.Linear(16, 8).requires_grad_(False)
     x = torch.randn(5, 16)
     cache: dict = {}
-    with packed_linears([lin], cache=cache):
-        first = packed_weight(lin)
+    with prepacked_linears([lin], cache=cache):
+        first = prepacked_weight(lin)
         assert first is not None
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-    assert packed_weight(lin) is None and "forward" not in lin.__dict__  # the module's own forward again
-    with packed_linears([lin], cache=cache):
-        assert packed_weight(lin) is first  # unchanged weight: the same packed copy
+    assert prepacked_weight(lin) is None and "forward" not in lin.__dict__  # the module's own forward again
+    with prepacked_linears([lin], cache=cache):
+        assert prepacked_weight(lin) is first  # unchanged weight: the same packed copy
     with torch.no_grad():
         lin.weight.mul_(2.0)  # an in-place change bumps the version: the copy is stale
-    with packed_linears([lin], cache=cache):
-        assert packed_weight(lin) is not first
+    with prepacked_linears([lin], cache=cache):
+        assert prepacked_weight(lin) is not first
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
     assert len(cache) == 1  # the stale copy was dropped
-    with packed_linears([lin], grad_input=False, cache=cache):  # a copy with W.T serves a rollout too
-        served = packed_weight(lin)
-    with packed_linears([lin], cache=cache):
-        assert packed_weight(lin) is served and len(cache) == 1
-    with packed_linears([lin], torch.bfloat16):
+    with prepacked_linears([lin], grad_input=False, cache=cache):  # a copy with W.T serves a rollout too
+        served = prepacked_weight(lin)
+    with prepacked_linears([lin], cache=cache):
+        assert prepacked_weight(lin) is served and len(cache) == 1
+    with prepacked_linears([lin], torch.bfloat16):
         assert lin(x).dtype == torch.bfloat16
 
 
@@ -100,7 +100,7 @@ def test_merged_weights_equal_the_adapter_and_leave_the_base_alone():
     w, b = merged_weight(layer)
     torch.testing.assert_close(F.linear(x, w, b), layer(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.base_layer.weight, before)
-    with torch.no_grad(), packed.packed_merged_lora(merged):
+    with torch.no_grad(), onednn.prepacked_merged_lora(merged):
         torch.testing.assert_close(model(x), model.base_model.model[2](torch.relu(F.linear(x, w, b))), rtol=1e-5,
                                    atol=1e-5)
     assert "forward" not in layer.__dict__
@@ -115,9 +115,9 @@ def test_dora_is_not_merged_this_way():
 
 
 def test_available_only_on_cpu_and_can_be_turned_off(monkeypatch):
-    assert not packed.available("meta")
+    assert not onednn.available("meta")
     monkeypatch.setenv("POSTTRAIN_PACKED_LINEAR", "0")
-    assert not packed.available("cpu")
+    assert not onednn.available("cpu")
 
 
 @pytest.mark.parametrize("dtype,tol", [(None, 1e-5), (torch.bfloat16, 3e-2)])
@@ -138,7 +138,7 @@ def test_fused_lora_trains_like_peft(dtype, tol):
         return out.float(), grads
 
     ref, ref_grads = run()
-    with packed_linears(frozen_linears(model), dtype), fused_lora(model):
+    with prepacked_linears(frozen_linears(model), dtype), fused_lora(model):
         assert type(layer.__dict__.get("forward")).__name__ == "_FusedForward"
         out, grads = run()
         with model.disable_adapter(), torch.no_grad():
@@ -159,5 +159,5 @@ def test_fused_lora_leaves_layers_with_dropout_to_peft():
 
     base = torch.nn.Sequential(torch.nn.Linear(16, 8))
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
-    with packed_linears(frozen_linears(model)), fused_lora(model):
+    with prepacked_linears(frozen_linears(model)), fused_lora(model):
         assert "forward" not in model.base_model.model[0].__dict__

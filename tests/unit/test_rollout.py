@@ -9,7 +9,8 @@ import torch
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.models import load_model
 from posttrain.rollout import SamplingParams
-from posttrain.rollout.hf import HFRolloutEngine, filter_logits, merged_lora
+from posttrain.fastpath.weights import merged_lora
+from posttrain.rollout.hf import HFRolloutEngine, filter_logits
 
 
 @pytest.fixture(scope="module")

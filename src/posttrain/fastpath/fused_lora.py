@@ -18,12 +18,12 @@ from contextlib import contextmanager
 
 import torch
 
-from posttrain.fastpath.onednn import PackedWeight, packed_weight
+from posttrain.fastpath.onednn import PrepackedWeight, prepacked_weight
 
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, base: PackedWeight, scale: float):
+    def forward(ctx, x, a, b, base: PrepackedWeight, scale: float):
         dtype = base.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         ac, bc = a.to(dtype), b.to(dtype)
@@ -49,7 +49,7 @@ class _LoraLinearFn(torch.autograd.Function):
 class _FusedForward:
     """The forward installed on a LoRA layer by :func:`fused_lora`."""
 
-    def __init__(self, layer, adapter: str, base: PackedWeight):
+    def __init__(self, layer, adapter: str, base: PrepackedWeight):
         self.layer, self.adapter, self.base = layer, adapter, base
 
     def __call__(self, x, *args, **kwargs):
@@ -76,7 +76,7 @@ def _eligible(layer) -> str | None:
 @contextmanager
 def fused_lora(model: torch.nn.Module):
     """While the body runs, every PEFT LoRA layer whose base layer computes with a packed weight (inside
-    :func:`posttrain.fastpath.onednn.packed_linears`) and that qualifies (see the module docstring) trains through one
+    :func:`posttrain.fastpath.onednn.prepacked_linears`) and that qualifies (see the module docstring) trains through one
     fused autograd node; restored after."""
     try:
         from peft.tuners.lora import LoraLayer
@@ -88,7 +88,7 @@ def fused_lora(model: torch.nn.Module):
         for m in model.modules():
             if not isinstance(m, LoraLayer) or "forward" in m.__dict__:
                 continue
-            base = packed_weight(m.get_base_layer())
+            base = prepacked_weight(m.get_base_layer())
             name = _eligible(m)
             if base is None or name is None:
                 continue

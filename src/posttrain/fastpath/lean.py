@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from posttrain.fastpath.onednn import PackedWeight, merged_weight
+from posttrain.fastpath.onednn import PrepackedWeight, merged_weight
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -61,7 +61,7 @@ def _weight(module, lora: set, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return base.weight.detach().to(dtype), base.bias
 
 
-def _fused(modules, lora: set, dtype: torch.dtype, rows_hint: int) -> PackedWeight:
+def _fused(modules, lora: set, dtype: torch.dtype, rows_hint: int) -> PrepackedWeight:
     """One packed weight for several projections of the same input (their outputs concatenated)."""
     parts = [_weight(m, lora, dtype) for m in modules]
     weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
@@ -69,7 +69,7 @@ def _fused(modules, lora: set, dtype: torch.dtype, rows_hint: int) -> PackedWeig
     if any(b is not None for _, b in parts):
         bias = torch.cat([b.detach().to(dtype) if b is not None else w.new_zeros(w.shape[0], dtype=dtype)
                           for w, b in parts])
-    return PackedWeight(weight, bias, grad_input=False, rows_hint=rows_hint)
+    return PrepackedWeight(weight, bias, grad_input=False, rows_hint=rows_hint)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ from MKL's only by summation order, ~1e-6 relative). bfloat16 gains less (5-80%,
 
 Reordering costs one pass over the weight, so it pays only for weights that stay fixed while they are used
 many times: a LoRA model's frozen base and its head during a training step, or the merged weights of one
-rollout. :func:`packed_linears` swaps the forward of such ``nn.Linear`` modules for the packed kernel while
+rollout. :func:`prepacked_linears` swaps the forward of such ``nn.Linear`` modules for the packed kernel while
 its body runs; gradients still flow to the input (``g @ W`` through a second packed copy, ``W.T``), never to
 the packed weight (it is frozen). Everything else (LoRA's A and B, trainable weights) stays on the usual path.
 
@@ -40,7 +40,7 @@ def _apply(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
-class PackedWeight:
+class PrepackedWeight:
     """A frozen ``(out, in)`` weight (and bias) reordered for oneDNN. ``linear(x)`` is ``F.linear(x, W, b)`` in
     the weight's dtype (``x`` is cast to it), differentiable with respect to ``x``; ``grad_input`` also packs
     ``W.T`` for that backward (without it, a backward through ``linear`` is an error)."""
@@ -57,7 +57,7 @@ class PackedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _PackedLinearFn.apply(x, self)
+            return _PrepackedLinearFn.apply(x, self)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,9 +72,9 @@ class PackedWeight:
         return _apply(g.reshape(-1, g.shape[-1]).to(self.dtype), self.wt, None).view(*lead, self.shape[1])
 
 
-class _PackedLinearFn(torch.autograd.Function):
+class _PrepackedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, packed: PackedWeight):
+    def forward(ctx, x, packed: PrepackedWeight):
         ctx.packed = packed
         return packed._forward(x)
 
@@ -88,7 +88,7 @@ def frozen_linears(module: torch.nn.Module, exclude: tuple = (), frozen_only: bo
     do not train; all of them with ``frozen_only=False`` (a rollout, under no_grad)."""
     out = []
     for m in module.modules():
-        if (isinstance(m, torch.nn.Linear) and not isinstance(m.__dict__.get("forward"), _PackedForward)
+        if (isinstance(m, torch.nn.Linear) and not isinstance(m.__dict__.get("forward"), _PrepackedForward)
                 and m not in exclude and m.weight.dtype in _DTYPES and m.weight.__class__ is torch.nn.Parameter
                 and (not frozen_only or (not m.weight.requires_grad
                                          and (m.bias is None or not m.bias.requires_grad)))):
@@ -96,10 +96,10 @@ def frozen_linears(module: torch.nn.Module, exclude: tuple = (), frozen_only: bo
     return out
 
 
-def packed_weight(module: torch.nn.Module) -> PackedWeight | None:
-    """The packed weight a module computes with inside :func:`packed_linears`, or None."""
+def prepacked_weight(module: torch.nn.Module) -> PrepackedWeight | None:
+    """The packed weight a module computes with inside :func:`prepacked_linears`, or None."""
     fwd = module.__dict__.get("forward")
-    return fwd.packed if isinstance(fwd, _PackedForward) else None
+    return fwd.packed if isinstance(fwd, _PrepackedForward) else None
 
 
 def mergeable_lora_layers(model: torch.nn.Module) -> list | None:
@@ -135,10 +135,10 @@ def merged_weight(layer, dtype: torch.dtype | None = None) -> tuple[torch.Tensor
     return w.to(dtype or w.dtype), base.bias
 
 
-class _PackedForward:
-    """The forward installed on a module by :func:`packed_linears` (a class, so it is recognizable)."""
+class _PrepackedForward:
+    """The forward installed on a module by :func:`prepacked_linears` (a class, so it is recognizable)."""
 
-    def __init__(self, packed: PackedWeight):
+    def __init__(self, packed: PrepackedWeight):
         self.packed = packed
 
     def __call__(self, x):
@@ -146,7 +146,7 @@ class _PackedForward:
 
 
 @contextmanager
-def packed_merged_lora(layers: list, dtype: torch.dtype | None = None, rows_hint: int = 16):
+def prepacked_merged_lora(layers: list, dtype: torch.dtype | None = None, rows_hint: int = 16):
     """While the body runs (no gradients), each LoRA layer of ``layers`` (:func:`mergeable_lora_layers`) computes
     its whole forward, base plus adapter, with one packed merged weight in ``dtype`` (:func:`merged_weight`):
     the cost of the base model, and the base weights are never written."""
@@ -154,7 +154,7 @@ def packed_merged_lora(layers: list, dtype: torch.dtype | None = None, rows_hint
     try:
         with torch.no_grad():
             for m in layers:
-                m.forward = _PackedForward(PackedWeight(*merged_weight(m, dtype), grad_input=False,
+                m.forward = _PrepackedForward(PrepackedWeight(*merged_weight(m, dtype), grad_input=False,
                                                         rows_hint=rows_hint))
                 installed.append(m)
         yield
@@ -164,10 +164,10 @@ def packed_merged_lora(layers: list, dtype: torch.dtype | None = None, rows_hint
 
 
 @contextmanager
-def packed_linears(modules: list[torch.nn.Linear], dtype: torch.dtype | None = None, *, grad_input: bool = True,
+def prepacked_linears(modules: list[torch.nn.Linear], dtype: torch.dtype | None = None, *, grad_input: bool = True,
                    rows_hint: int = 256, cache: dict | None = None):
     """While the body runs, each module in ``modules`` computes its forward with a packed copy of its current
-    weight in ``dtype`` (default: the weight's own; see :class:`PackedWeight`), and returns that dtype, as
+    weight in ``dtype`` (default: the weight's own; see :class:`PrepackedWeight`), and returns that dtype, as
     autocast to ``dtype`` would; restored after. ``cache`` (a dict kept by the caller) reuses packed copies across
     calls while a weight's storage and version are unchanged: frozen weights are packed once per run."""
     installed = []
@@ -180,12 +180,12 @@ def packed_linears(modules: list[torch.nn.Linear], dtype: torch.dtype | None = N
                 packed = cache.get(key[:-1] + (True,))
             if packed is None:
                 with torch.no_grad():
-                    packed = PackedWeight(m.weight.to(dt), m.bias, grad_input=grad_input, rows_hint=rows_hint)
+                    packed = PrepackedWeight(m.weight.to(dt), m.bias, grad_input=grad_input, rows_hint=rows_hint)
                 if cache is not None:
                     for k in [k for k in cache if k[0] == id(m) and (k[1:4] != key[1:4] or grad_input)]:
                         del cache[k]  # a stale copy, or one without W.T that this one supersedes
                     cache[key] = packed
-            m.forward = _PackedForward(packed)
+            m.forward = _PrepackedForward(packed)
             installed.append(m)
         yield
     finally:
@@ -193,5 +193,5 @@ def packed_linears(modules: list[torch.nn.Linear], dtype: torch.dtype | None = N
             del m.forward
 
 
-__all__ = ["PackedWeight", "available", "frozen_linears", "merged_weight", "mergeable_lora_layers", "packed_linears",
-           "packed_merged_lora", "packed_weight"]
+__all__ = ["PrepackedWeight", "available", "frozen_linears", "merged_weight", "mergeable_lora_layers", "prepacked_linears",
+           "prepacked_merged_lora", "prepacked_weight"]

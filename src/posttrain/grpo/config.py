@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.config import DataConfig, LoraConfig, ModelConfig, Section, StartsFromAdapter, TrainConfig
+from posttrain.config import (DATA, LORA, MODEL, OUTPUT_DIR, DataConfig, LoraConfig, ModelConfig, Section,
+                              StartsFromAdapter, TrainConfig)
 
 
 class VLLMConfig(Section):
@@ -25,10 +26,12 @@ class VLLMConfig(Section):
                                           description="colocate: fraction of the GPU's memory vLLM may take")
     enable_sleep_mode: bool = Field(True, description="colocate: release vLLM's memory between rollouts")
     tensor_parallel_size: int = Field(1, ge=1, description="colocate: processes sharing one engine")
-    max_model_len: int | None = Field(None, ge=8, description="default: data.max_length")
-    server_host: str = "127.0.0.1"
-    server_port: int = Field(8000, ge=1, le=65535)
-    server_timeout: float = Field(240.0, gt=0.0)
+    max_model_len: int | None = Field(None, ge=8, description="vLLM's context length in tokens; null: data.max_length")
+    server_host: str = Field("127.0.0.1", description="server: host name or address of vLLM's OpenAI-compatible "
+                                                      "server")
+    server_port: int = Field(8000, ge=1, le=65535, description="server: its port")
+    server_timeout: float = Field(240.0, gt=0.0, description="server: seconds to wait for one request before "
+                                                             "failing")
     adapter_dir: str | None = Field(None, description="server: where each step's adapter is saved for the server "
                                                       "to load (a shared filesystem); default OUTPUT/vllm_adapters")
 
@@ -36,30 +39,47 @@ class VLLMConfig(Section):
 class GRPOConfig(Section):
     # sampling
     num_generations: int = Field(8, description="completions per prompt (the group size G); at least 2")
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, description="0 or -1: off")
-    min_p: float = Field(0.0, ge=0.0, lt=1.0)
-    stop_strings: list[str] = Field(default_factory=list)
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature of the rollouts; log-probabilities "
+                                                        "are taken at the same temperature (logits / T)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: sample from the most likely tokens "
+                                                          "whose probabilities add up to top_p; 1: off")
+    top_k: int = Field(0, description="sample only from the k most likely tokens; 0 or -1: off")
+    min_p: float = Field(0.0, ge=0.0, lt=1.0, description="drop tokens less likely than min_p times the most "
+                                                          "likely one; 0: off. The filters shape sampling only, "
+                                                          "not the trained log-probabilities (as TRL)")
+    stop_strings: list[str] = Field(default_factory=list, description="a completion also ends after any of "
+                                                                      "these strings (besides the EOS token)")
     ignore_eos: bool = Field(False, description="never stop before max_completion_length (benchmarks)")
     max_prompt_length: int | Literal["auto"] = Field(
         "auto", description="prompts longer are dropped and counted; auto = the prompt_length_quantile of lengths")
-    prompt_length_quantile: float = Field(0.9, gt=0.0, le=1.0)
+    prompt_length_quantile: float = Field(0.9, gt=0.0, le=1.0, description="with max_prompt_length auto: the "
+                                          "quantile of the prompts' token lengths that becomes the limit")
     max_completion_length: int | None = Field(
-        None, ge=1, description="default: data.max_length - max_prompt_length (completions get the rest)")
+        None, ge=1, description="tokens per completion at most; null: data.max_length - max_prompt_length "
+                                "(completions get the rest)")
     # objective
     beta: float = Field(0.0, ge=0.0, description="weight of the k3 KL to the reference (base, adapters off)")
     epsilon: float = Field(0.2, gt=0.0, description="lower clip: ratio >= 1 - epsilon")
-    epsilon_high: float | None = Field(None, gt=0.0, description="upper clip (DAPO clip-higher); default epsilon")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon_high: float | None = Field(
+        None, gt=0.0, description="upper clip (DAPO clip-higher): ratio <= 1 + epsilon_high; null: epsilon")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="how per-token losses are averaged. grpo: over each completion's tokens, then over "
+                            "completions (the paper); bnpo: over the tokens of a micro-batch; dr_grpo: sum / "
+                            "(completions x max_completion_length); dapo: over the tokens of the whole step (TRL's "
+                            "default)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantage = reward - group mean, divided by the group's reward std (group, "
+                             "DeepSeekMath), the whole batch's std (batch), or nothing (none, Dr. GRPO)")
     num_iterations: int = Field(1, ge=1, description="optimizer updates per batch of rollouts (PPO epochs)")
-    mask_truncated_completions: bool = False
+    mask_truncated_completions: bool = Field(
+        False, description="completions cut off at max_completion_length get no loss (DAPO's overlong filtering)")
     entropy_coef: float = Field(0.0, ge=0.0, description="entropy bonus: loss -= entropy_coef * mean entropy")
     dynamic_sampling: bool = Field(False, description="drop groups whose rewards all agree (DAPO)")
     dynamic_sampling_rounds: int = Field(
         0, ge=0, description="with dynamic_sampling: extra rounds of prompts drawn to refill the dropped groups")
-    reward_weights: list[float] | None = None
+    reward_weights: list[float] | None = Field(
+        None, description="one weight per reward function, in the order of rewards; the reward is the weighted "
+                          "sum. null: the weights given in rewards (1 each by default)")
     share_prompt: bool = Field(True, description="in training, a group's completions share one prompt forward "
                                                  "(not with model.gradient_checkpointing)")
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -68,15 +88,22 @@ class GRPOConfig(Section):
                             "and on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
     # rollout engine
     rollout_backend: Literal["hf", "vllm"] = Field("hf", description="hf: our transformers decode loop; vllm: see vllm")
-    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="the vLLM engine, with rollout_backend vllm")
     importance_sampling_cap: float | None = Field(
         None, gt=0.0, description="truncated importance sampling: weight each token's policy loss by "
                                   "min(exp(logp_train - logp_sampler), cap) (TRL/verl use 2-3); off by default")
-    rollout_max_rows: int | None = Field(None, ge=1, description="completions decoded together; default all")
-    merge_lora: Literal["auto", "inplace", "backup", "none"] = "auto"
+    rollout_max_rows: int | None = Field(
+        None, ge=1, description="completions decoded together at most; null: all of a step's")
+    merge_lora: Literal["auto", "inplace", "backup", "none"] = Field(
+        "auto", description="hf rollouts generate with LoRA folded into the base weights (faster), restored after. "
+                            "inplace: PEFT's merge/unmerge (a weight may move by an ulp: harmless in float32); "
+                            "backup: the original weights kept and written back (exact); auto: inplace for "
+                            "float32 weights or DoRA, else backup; none: generate through the unmerged adapter. "
+                            "A 4-bit base is never merged")
     # what users watch
-    log_completions_every: int = Field(10, ge=0, description="every N steps print and save sample completions")
-    num_completions_to_print: int = Field(4, ge=0)
+    log_completions_every: int = Field(
+        10, ge=0, description="every N steps (and at step 1) print and save sample completions; 0: never")
+    num_completions_to_print: int = Field(4, ge=0, description="how many of those completions are printed")
     zero_std_warning: float = Field(0.5, ge=0.0, le=1.0,
                                     description="warn when more than this fraction of groups has zero reward variance")
 
@@ -98,12 +125,15 @@ class GRPOConfig(Section):
 
 
 class GRPORecipe(StartsFromAdapter):
-    output_dir: str = "runs/grpo"
-    model: ModelConfig
-    lora: LoraConfig | None = Field(default_factory=LoraConfig)
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, lr=1e-6))
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    output_dir: str = Field("runs/grpo", description=OUTPUT_DIR)
+    model: ModelConfig = Field(..., description=MODEL)
+    lora: LoraConfig | None = Field(default_factory=LoraConfig, description=LORA)
+    data: DataConfig = Field(..., description=DATA + " (the prompts; GRPO uses no solutions)")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, lr=1e-6),
+                               description="optimizer, schedule, batch sizes, checkpoints and logging; GRPO's "
+                                           "defaults differ from SFT's: batch_size 8, lr 1e-6")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig,
+                             description="sampling, the objective, the rollout engine and what is logged")
     rewards: list[str | dict[str, Any]] = Field(
         default_factory=lambda: ["math_accuracy"],
         description="reward specs: built-in names, presets (unsloth_math), module:function, or {name, weight, ...}")

@@ -40,150 +40,71 @@ Departures from the DeepSeekMath paper (GRPO), each TRL's choice too unless said
 from __future__ import annotations
 
 import math
-import random
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
-from posttrain.fastpath import onednn as packed
-from posttrain.fastpath.allocator import keep_freed_memory
-from posttrain.fastpath.fused_lora import fused_lora
-from posttrain.checkpoint import collect_rank_rng, load_checkpoint, save_checkpoint
-from posttrain.config import save_recipe
+from posttrain import fastpath
+from posttrain.distributed import (GatheredRollouts, accumulation, backward, finish_step, gather_all,
+                                   sharded_optimizer)
 from posttrain.errors import UserError
+from posttrain.grpo.batch import MicroBatch, micro_batches, unpad
+from posttrain.grpo.collect import build_rewards, collect_rollouts, log_completions
 from posttrain.grpo.config import GRPORecipe, check_group_batch
-from posttrain.grpo.data import (PromptStream, build_rewards, collect_groups, log_completions, prepare_prompts,
-                                 reward_metrics)
-from posttrain.grpo.losses import (aggregate_loss, clip_fractions, group_advantages, masked_mean, per_token_grpo_loss,
-                                   selective_log_softmax, zero_std_groups)
-from posttrain.grpo.losses import truncated_importance_weights
-from posttrain.distributed import (GatheredRollouts, accelerator_kwargs, accumulation, backward, check_launch,
-                                   finish_step, full_trainable_state, prepare, sharded_optimizer)
-from posttrain.models import (autocast_to, decoder_and_head, float32_attention, load_model, load_starting_model,
-                              resolve_compute_dtype, resolve_device)
+from posttrain.grpo.data import PromptStream, StepRollouts, prepare_prompts
+from posttrain.grpo.losses import Objective, clip_fractions, group_advantages, micro_batch_loss, zero_std_groups
+from posttrain.losses import Head, module_head, selective_log_softmax
+from posttrain.models import autocast_to, decoder_and_head, load_model, resolve_compute_dtype
 from posttrain.optim import build_optimizer, build_scheduler
+from posttrain.rewards.registry import reward_metrics
 from posttrain.rollout import SamplingParams
-from posttrain.rollout.hf import HFRolloutEngine, layers_in
-from posttrain.sft import GracefulStop, peak_memory_mb, save_final
-from posttrain.tracking import MetricsLogger
+from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.runs import peak_memory_mb
+from posttrain.session import TrainingSession
 
-# ---------------------------------------------------------------------------------------------- model pieces
-
-
-def load_policy(cfg: GRPORecipe, verbose: bool = True):
-    """(model, tokenizer); with ``init_adapter`` the SFT adapter is continued or merged (see the config)."""
-    return load_starting_model(cfg.model, cfg.lora, cfg.init_adapter, cfg.init_adapter_mode, verbose=verbose)
+# ---------------------------------------------------------------------------------------------- the policy
 
 
 class PolicyLogps(torch.nn.Module):
     """The forward that training differentiates: token log-probabilities (and entropies) of the completion
     tokens only, the head applied in chunks. Wrapped whole by DDP so it sees every parameter use.
 
-    With a shared-prompt batch (``pack_micro_batch(share_prompts=True)``) each distinct prompt of the micro-batch
-    goes through the model once; its KV cache (with its autograd graph) is indexed out to the completions of its
-    group, which are then run on top of it. The G completions of a group thus cost one prompt forward and
-    backward instead of G; gradients still reach the prompt positions (LoRA acts there too)."""
+    With a shared-prompt micro-batch each distinct prompt goes through the model once; its KV cache (with its
+    autograd graph) is indexed out to the completions of its group, which are then run on top of it. The G
+    completions of a group thus cost one prompt forward and backward instead of G; gradients still reach the
+    prompt positions (LoRA acts there too)."""
 
     def __init__(self, model, temperature: float, chunk_size: int, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
         self.compute_dtype = compute_dtype
 
-    def forward(self, batch: dict, entropy_grad: bool = False):
-        decoder, head = decoder_and_head(self.model)
-        device = batch["mask"].device
-        with autocast_to(device.type, self.compute_dtype), float32_attention(device.type, self.compute_dtype):
+    def forward(self, batch: MicroBatch, head: Head | None = None, entropy_grad: bool = False):
+        """-> flat (log-probs, entropies) of the completion tokens. ``head``: the language-model head as the
+        fast path gives it (:func:`posttrain.fastpath.training`); the model's own head when None."""
+        decoder, head_module = decoder_and_head(self.model)
+        with autocast_to(batch.mask.device.type, self.compute_dtype):
             hidden = self._hidden(decoder, batch)
         # the head outside autocast, in its weight's dtype (float32 unless the model itself is 16-bit)
-        return selective_log_softmax(hidden.to(head.weight.dtype), head.weight, batch["targets"],
-                                     bias=getattr(head, "bias", None), temperature=self.temperature or 1.0,
-                                     chunk_size=self.chunk_size, entropy=True, entropy_grad=entropy_grad,
-                                     packed=packed.packed_weight(head))
+        return selective_log_softmax(hidden, head or module_head(head_module), batch.targets,
+                                     temperature=self.temperature or 1.0, chunk_size=self.chunk_size, entropy=True,
+                                     entropy_grad=entropy_grad)
 
-    def _hidden(self, decoder, batch: dict) -> torch.Tensor:
+    def _hidden(self, decoder, b: MicroBatch) -> torch.Tensor:
         """Final hidden states at the positions that predict each completion token, flattened."""
-        if "p_ids" in batch:
-            from transformers import DynamicCache
-
-            out = decoder(input_ids=batch["p_ids"], attention_mask=batch["p_attn"], position_ids=batch["p_pos"],
-                          past_key_values=DynamicCache(config=self.model.config), use_cache=True)
-            cache = out.past_key_values
-            cache.batch_select_indices(batch["row_u"])
-            last = out.last_hidden_state[:, -1][batch["row_u"]]  # predicts each completion's first token
-            comp = decoder(input_ids=batch["c_ids"], attention_mask=batch["attn"], position_ids=batch["c_pos"],
-                           past_key_values=cache, use_cache=True).last_hidden_state
-            return torch.cat([last.unsqueeze(1), comp], dim=1)[batch["rows"], batch["cols"]]
-        return decoder(input_ids=batch["ids"], attention_mask=batch["attn"],
-                       use_cache=False).last_hidden_state[batch["rows"], batch["cols"]]
-
-
-def pack_micro_batch(items: list[dict], pad_id: int, device, share_prompts: bool = False) -> dict:
-    """Tensors for one micro-batch. Plain: rows ``prompt + completion`` right-padded, and the positions that
-    predict completion tokens. Shared prompts: the distinct prompts left-padded, the completions right-padded
-    after them, and for each completion token the (row, column) of the hidden state that predicts it in
-    ``[last prompt state, completion states]``."""
-    T = max(it["length"] for it in items)
-    rows, cols, targets = [], [], []
-    out = {}
-    if share_prompts:
-        uniq: dict[tuple, int] = {}
-        row_u = [uniq.setdefault(tuple(it["prompt"]), len(uniq)) for it in items]
-        prompts = list(uniq)
-        Lp = max(len(p) for p in prompts)
-        p_ids = torch.full((len(prompts), Lp), pad_id, dtype=torch.long)
-        p_attn = torch.zeros((len(prompts), Lp), dtype=torch.long)
-        for u, p in enumerate(prompts):
-            p_ids[u, Lp - len(p):] = torch.tensor(p)
-            p_attn[u, Lp - len(p):] = 1
-        c_ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-        c_attn = torch.zeros((len(items), T), dtype=torch.long)
-        for b, it in enumerate(items):
-            c = it["completion"][:it["length"]]
-            c_ids[b, :len(c)] = torch.tensor(c)
-            c_attn[b, :len(c)] = 1
-            rows += [b] * len(c)
-            cols += range(len(c))
-            targets += c
-        p_len = p_attn.sum(-1)
-        out.update(p_ids=p_ids, p_attn=p_attn, p_pos=(p_attn.cumsum(-1) - 1).clamp(min=0), c_ids=c_ids,
-                   attn=torch.cat([p_attn[row_u], c_attn], dim=1), row_u=torch.tensor(row_u),
-                   c_pos=p_len[row_u].unsqueeze(1) + torch.arange(T).unsqueeze(0))
-    else:
-        width = max(len(it["prompt"]) + it["length"] for it in items)
-        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(items), width), dtype=torch.long)
-        for b, it in enumerate(items):
-            p, c = it["prompt"], it["completion"][:it["length"]]
-            ids[b, :len(p) + len(c)] = torch.tensor(p + c)
-            attn[b, :len(p) + len(c)] = 1
-            rows += [b] * len(c)
-            cols += range(len(p) - 1, len(p) - 1 + len(c))
-            targets += c
-        out.update(ids=ids, attn=attn)
-    mask = torch.zeros((len(items), T))
-    for b, it in enumerate(items):
-        mask[b, :it["length"]] = it["mask"]
-    if all(it.get("sample_logps") is not None for it in items):  # the rollout engine's log-probs (TIS)
-        out["sample_logps"] = torch.zeros((len(items), T))
-        for b, it in enumerate(items):
-            out["sample_logps"][b, :it["length"]] = it["sample_logps"]
-    out.update(rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets), mask=mask,
-               adv=torch.tensor([it["advantage"] for it in items]))
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def unpad(flat: torch.Tensor, batch: dict) -> torch.Tensor:
-    """(N_tokens,) -> (B, T) with zeros on padding."""
-    out = flat.new_zeros(batch["mask"].shape)
-    starts = torch.zeros(out.shape[0] + 1, dtype=torch.long, device=flat.device)
-    lengths = torch.bincount(batch["rows"], minlength=out.shape[0])
-    starts[1:] = lengths.cumsum(0)
-    t = torch.arange(flat.shape[0], device=flat.device) - starts[batch["rows"]]
-    out[batch["rows"], t] = flat
-    return out
+        if not b.shared_prompts:
+            return decoder(input_ids=b.ids, attention_mask=b.attn, use_cache=False).last_hidden_state[b.rows, b.cols]
+        out = decoder(input_ids=b.prompt_ids, attention_mask=b.prompt_attn, position_ids=b.prompt_pos,
+                      past_key_values=DynamicCache(config=self.model.config), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_select_indices(b.prompt_of)
+        last = out.last_hidden_state[:, -1][b.prompt_of]  # predicts each completion's first token
+        comp = decoder(input_ids=b.completion_ids, attention_mask=b.attn, position_ids=b.completion_pos,
+                       past_key_values=cache, use_cache=True).last_hidden_state
+        return torch.cat([last.unsqueeze(1), comp], dim=1)[b.rows, b.cols]
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -191,261 +112,199 @@ def unpad(flat: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[dict] | None = None) -> Path:
     """Run GRPO as the recipe says; ``reward_funcs`` (callables) and ``rows`` replace the recipe's (tests)."""
-    from accelerate import Accelerator
-
-    device = resolve_device(cfg.model.device)
-    accelerator = Accelerator(cpu=not device.startswith("cuda"), **accelerator_kwargs(cfg.train.grad_accum))
-    launch = check_launch(accelerator, variable_micro_batches=cfg.grpo.dynamic_sampling)
-    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    device = str(accelerator.device) if world > 1 else device
-    if device == "cpu":
-        keep_freed_memory()  # steps reuse large freed blocks instead of faulting in fresh pages
     g, t = cfg.grpo, cfg.train
-    run_dir = Path(cfg.output_dir)
-    if not resume and is_main and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another "
-                        "output_dir")
+    run = TrainingSession(cfg, resume, "grpo", variable_micro_batches=g.dynamic_sampling)
     per_proc = check_group_batch(cfg)  # prompts per process and step
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-
-    # ---- setup: model, prompts, rewards, optimizer, rollout engine
-    if cfg.model.backend == "unsloth":
-        from posttrain.unsloth_backend import load_unsloth
-
-        if cfg.init_adapter:
-            raise UserError("init_adapter with model.backend=unsloth is not supported; use model.backend=hf")
-        model, tok = load_unsloth(cfg.model, cfg.lora, max_seq_length=cfg.data.max_length, seed=t.seed,
-                                  num_processes=world, verbose=is_main)
-    else:
-        model, tok = load_policy(cfg, verbose=is_main)
+    model, tok = run.load_model()
     prompts, pstats = prepare_prompts(cfg, tok, rows)
-    rewards, reward_problems = build_rewards(cfg, tok, reward_funcs)
-    if is_main:
-        print(f"[posttrain] prompts: {pstats['prompts']} of {pstats['rows']} rows (dropped "
-              f"{pstats['dropped_too_long']} over max_prompt_length={pstats['max_prompt_length']}"
-              + (f", {pstats['dropped_non_numeric']} non-numeric answers" if "dropped_non_numeric" in pstats else "")
-              + f"); completions up to {pstats['max_completion_length']} tokens; rewards: {', '.join(rewards.names)}")
-        save_recipe(cfg, run_dir)
-    max_completion = pstats["max_completion_length"]
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * max(1, len(prompts) // (per_proc * world)))
-    is_peft = hasattr(model, "disable_adapter")
-    ref_model = None
-    if g.beta != 0 and not is_peft:  # full fine-tuning: a frozen copy is the reference
-        ref_model, _ = load_model(cfg.model, None, for_training=False, verbose=False)
-    optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t, total_steps * g.num_iterations)
-    compute = resolve_compute_dtype(g.compute_dtype, model)
-    if is_main:
-        print(f"[posttrain] compute: decoder layers in {str(compute or next(model.parameters()).dtype)[6:]}, "
-              f"head and log-softmax in {str(decoder_and_head(model)[1].weight.dtype)[6:]}")
-    policy, optimizer, scheduler = prepare(accelerator, PolicyLogps(model, g.temperature, t.loss_chunk_size, compute),
-                                           optimizer, scheduler)
-    if g.rollout_backend == "vllm":
-        from posttrain.rollout.vllm import build_training_engine
-
-        engine = build_training_engine(cfg, model, tok, accelerator, run_dir, g.vllm.max_model_len or cfg.data.max_length,
-                                       prepared=policy)
-    else:
-        engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows, compute_dtype=compute)
-        if sharded_optimizer(model):  # FSDP2 / ZeRO-3: decode with whole weights
-            engine = GatheredRollouts(engine, policy)
+    rewards = build_rewards(cfg, tok, reward_funcs)
+    if run.is_main:
+        print_prompt_stats(pstats, rewards.names)
+    run.save_recipe()
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * max(1, len(prompts) // (per_proc * run.world)))
+    updater = PolicyUpdate(cfg, run, model, total_steps, pstats["max_completion_length"])
+    engine = build_engine(cfg, run, model, tok, updater)
+    updater.cache = getattr(engine, "prepacked_cache", updater.cache)  # frozen weights packed once, for both
     sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p,
-                              max_new_tokens=max_completion, stop_token_ids=engine.default_stop_ids(),
-                              stop_strings=tuple(g.stop_strings), ignore_eos=g.ignore_eos, seed=t.seed)
-    share_prompts = g.share_prompt and not cfg.model.gradient_checkpointing  # checkpointing drops the KV cache
-    packed_cache = getattr(engine, "packed_cache", {})  # frozen weights packed once per run, shared with the rollout
+                              max_new_tokens=pstats["max_completion_length"],
+                              stop_token_ids=engine.default_stop_ids(), stop_strings=tuple(g.stop_strings),
+                              ignore_eos=g.ignore_eos, seed=t.seed)
+    state = run.begin(model, updater.optimizer, updater.scheduler, total_steps)
+    stream = PromptStream(len(prompts), t.seed, state.get("cursor", 0))
+    total_tokens, warned_at = state.get("num_tokens", 0), -10**9
 
-    start_step, cursor, total_tokens = 0, 0, 0
-    if resume:
-        state = load_checkpoint(run_dir, model, optimizer, scheduler, rank=rank)
-        if state is None:
-            raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-        start_step, cursor, total_tokens = state["step"], state["cursor"], state.get("num_tokens", 0)
-        if is_main:
-            print(f"[posttrain] resumed from step {start_step}")
-    stream = PromptStream(len(prompts), t.seed, cursor)
-    logger = MetricsLogger(run_dir, t.report_to, total_steps, resume_step=start_step, enabled=is_main,
-                           title="grpo", config=cfg.model_dump(mode="json"))
-    stop = GracefulStop()
-    warned_at = -10**9
-
-    # ---- loop: rollout -> rewards -> advantages -> loss -> step
-    for step in range(start_step, total_steps):
+    # ---- the loop: rollout -> rewards -> advantages -> loss -> step
+    for step in range(state["step"], total_steps):
         t_step = time.perf_counter()
-        col = collect_groups(engine, stream, prompts, rewards, reward_problems, tok, sampling, g, step, per_proc,
-                             rank, world)
-        groups = col["groups"]
-        adv = batch_advantages(groups, g, rank, world)
-        first = gather_all([x["rewards"] for x in col["first"]], world)
-        frac_zero = float(zero_std_groups(torch.tensor([r for grp in first for r in grp], dtype=torch.float64),
-                                          g.num_generations).float().mean()) if first else 1.0
-        if is_main and frac_zero > g.zero_std_warning and step - warned_at >= 10:
+        rollouts = collect_rollouts(engine, stream, prompts, rewards, tok, sampling, cfg, step, per_proc, run.rank,
+                                    run.world)
+        rollouts = rollouts.with_advantages(batch_advantages(rollouts, g, run.rank, run.world))
+        first_rewards = gather_all([grp.rewards for grp in rollouts.first], run.world)
+        frac_zero = frac_zero_std(first_rewards, g.num_generations)
+        if run.is_main and frac_zero > g.zero_std_warning and step - warned_at >= 10:
             warned_at = step
             warn_zero_std(step, frac_zero, g)
-
-        # completions into micro-batches: groups kept together (they share a prompt forward), longest first
-        for it, a in zip((it for grp in groups for it in grp["items"]), adv.tolist()):
-            it["advantage"] = a
-        by_group = sorted((sorted(grp["items"], key=lambda it: -it["length"]) for grp in groups),
-                          key=lambda its: -(len(its[0]["prompt"]) + its[0]["length"]))
-        items = [it for its in by_group for it in its]
-        dummy = not items
-        if dummy:  # dynamic sampling left nothing here: one zero-weight micro-batch keeps DDP in step
-            items = [dict(col["first"][0]["items"][0], advantage=0.0)]
-        batches = [pack_micro_batch(items[i:i + t.batch_size], engine.pad_id, device, share_prompts)
-                   for i in range(0, len(items), t.batch_size)]
-
+        batches, dummy = micro_batches(rollouts, t.batch_size, engine.pad_id, run.device, updater.share_prompts)
         t_train = time.perf_counter()
-        with frozen_weights(model, compute if launch in ("single", "ddp") else None, packed_cache):
-            stats, grad_norm, lr = update_policy(policy, model, ref_model, batches, optimizer, scheduler, cfg,
-                                                 accelerator, max_completion, dummy, step)
+        stats = updater.step(batches, dummy, step)
         t_train = time.perf_counter() - t_train
         if hasattr(engine, "push_weights"):  # vLLM: the next rollout loads the updated weights
             engine.push_weights()
 
-        # ---- what users watch
         done = step + 1
-        sums = torch.tensor([stats["loss"], col["seen_tokens"], col["gen_tokens"]], dtype=torch.float64, device=device)
-        if world > 1:
-            sums = accelerator.reduce(sums, reduction="sum")
+        sums = run_sums(run, [stats.pop("loss"), rollouts.seen_tokens, rollouts.gen_tokens])
         total_tokens += int(sums[1])
-        metrics = {"loss": float(sums[0]) / world, "grad_norm": grad_norm, "learning_rate": lr,
-                   "epoch": stream.cursor / len(prompts)}
-        metrics.update(reward_metrics(gather_all([(x["rewards"], x["per_reward"], x["lengths"], x["truncated"])
-                                                  for x in col["first"]], world), rewards.names, frac_zero))
-        metrics.update(reduce_policy_stats(stats, g, accelerator, world))
-        metrics.update({"step_time": time.perf_counter() - t_step, "rollout_time": col["rollout_time"],
-                        "reward_time": col["reward_time"], "train_time": t_train,
-                        "tokens_per_s": float(sums[2]) / world / max(col["rollout_time"], 1e-9),
-                        "num_tokens": total_tokens, "peak_memory_mb": peak_memory_mb(device)})
+        metrics = {"loss": sums[0] / run.world, **stats, "epoch": stream.cursor / len(prompts),
+                   **step_reward_metrics(rollouts, run.world, frac_zero),
+                   "step_time": time.perf_counter() - t_step, "rollout_time": rollouts.rollout_time,
+                   "reward_time": rollouts.reward_time, "train_time": t_train,
+                   "tokens_per_s": sums[2] / run.world / max(rollouts.rollout_time, 1e-9),
+                   "num_tokens": total_tokens, "peak_memory_mb": peak_memory_mb(run.device)}
         if g.dynamic_sampling:
-            metrics.update({"dynamic_sampling/dropped_groups": col["dropped"], "dynamic_sampling/rounds": col["rounds"]})
-        if done % t.log_every == 0 or done == total_steps:
-            logger.log(done, metrics)
-        if is_main and g.log_completions_every and (done % g.log_completions_every == 0 or done == 1):
-            log_completions(run_dir, done, col["first"], rewards.names, g.num_completions_to_print)
-        interrupted = stop.requested and done < total_steps
-        if interrupted or (t.save_every and done % t.save_every == 0 and done < total_steps):
-            accelerator.wait_for_everyone()
-            save_checkpoint(run_dir, done, model, optimizer, scheduler,
-                            {"cursor": stream.cursor, "num_tokens": total_tokens}, keep=t.keep_checkpoints, rank=rank)
-            accelerator.wait_for_everyone()
-            if is_main:
-                collect_rank_rng(run_dir, done, world)
-        if interrupted:
-            logger.close()
-            raise UserError(f"interrupted after step {done}; checkpoint saved. Continue with --resume")
-
-    # ---- save
-    stop.restore()
-    logger.close()
-    accelerator.wait_for_everyone()
-    out = run_dir
-    state = full_trainable_state(model) if sharded_optimizer(model) else None  # a collective: every rank
-    if is_main:
-        out = save_final(accelerator.unwrap_model(policy).model, tok, run_dir, is_peft, state)
-        print(f"[posttrain] saved {out}")
-    return out
+            metrics.update({"dynamic_sampling/dropped_groups": rollouts.dropped,
+                            "dynamic_sampling/rounds": rollouts.rounds})
+        if run.is_main and g.log_completions_every and (done % g.log_completions_every == 0 or done == 1):
+            log_completions(run.run_dir, done, rollouts.first, rewards.names, g.num_completions_to_print)
+        run.end_step(done, metrics, model, updater.optimizer, updater.scheduler,
+                     {"cursor": stream.cursor, "num_tokens": total_tokens})
+    return run.finish(updater.policy, model, tok, updater.is_peft)
 
 
-@contextmanager
-def frozen_weights(model, compute, cache: dict):
-    """How the weights that do not train compute during an update. On a CPU with oneDNN (single process or
-    DDP): the decoder's frozen linears (a LoRA model's base) packed once per run in the compute dtype, and a
-    frozen head packed in its own dtype (:mod:`posttrain.fastpath.onednn`; same values, 2-3x faster matmuls here).
-    LoRA layers over a packed base train through one fused autograd node each (:mod:`posttrain.fastpath.fused_lora`).
-    Elsewhere: frozen weights held as compute-dtype copies for the update (:func:`layers_in`)."""
-    if not packed.available(next(model.parameters()).device):
-        with layers_in(model, compute, frozen_only=True):
-            yield
-        return
-    decoder, head = decoder_and_head(model)
-    heads = packed.frozen_linears(head) if isinstance(head, torch.nn.Linear) else []
-    with packed.packed_linears(packed.frozen_linears(decoder, exclude=(head,)), compute, cache=cache), \
-            packed.packed_linears(heads, None, cache=cache), fused_lora(model):
-        yield
+def print_prompt_stats(pstats: dict, reward_names: list[str]) -> None:
+    print(f"[posttrain] prompts: {pstats['prompts']} of {pstats['rows']} rows (dropped "
+          f"{pstats['dropped_too_long']} over max_prompt_length={pstats['max_prompt_length']}"
+          + (f", {pstats['dropped_non_numeric']} non-numeric answers" if "dropped_non_numeric" in pstats else "")
+          + f"); completions up to {pstats['max_completion_length']} tokens; rewards: {', '.join(reward_names)}")
 
 
-def update_policy(policy, model, ref_model, batches: list[dict], optimizer, scheduler, cfg: GRPORecipe, accelerator,
-                  max_completion: int, dummy: bool, step: int) -> tuple[dict, float, float]:
-    """``num_iterations`` optimizer updates on one batch of rollouts (micro-batches with gradient accumulation).
-    Returns (statistics, last grad norm, learning rate used)."""
-    g, t, world = cfg.grpo, cfg.train, accelerator.num_processes
-    device = batches[0]["mask"].device
-    count = torch.tensor([sum(float(b["mask"].sum()) for b in batches)], dtype=torch.float64, device=device)
-    if world > 1:
-        count = accelerator.reduce(count, reduction="sum")
-    num_items = max(float(count[0]), 1.0) / world  # dapo: tokens of the whole step; DDP averages over processes
-    ref = [None] * len(batches)
-    if g.beta != 0:
-        with torch.no_grad():
-            ref = [reference_logps(model, ref_model, policy, b) for b in batches]
-    old = [None] * len(batches)
-    stats = {"kl": [], "entropy": [], "clip": [], "loss": 0.0}
-    for _ in range(g.num_iterations):
-        loss_sum = 0.0
-        for j, b in enumerate(batches):
-            sync = j == len(batches) - 1
-            with accumulation(accelerator, policy, sync):
-                flat_lp, flat_ent = policy(b, entropy_grad=g.entropy_coef > 0)
-                logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
-                if old[j] is None:  # first iteration: the policy that sampled (see the module docstring)
-                    old[j] = logps.detach()
-                is_w = (truncated_importance_weights(old[j], b["sample_logps"], g.importance_sampling_cap, b["mask"])
-                        if g.importance_sampling_cap and "sample_logps" in b else None)
-                ptl, ratio, kl = per_token_grpo_loss(logps, old[j], b["adv"], ref_logps=ref[j], beta=g.beta,
-                                                     epsilon_low=g.epsilon, epsilon_high=g.epsilon_high,
-                                                     is_weights=is_w)
-                loss = aggregate_loss(ptl, b["mask"], g.loss_type, max_completion_length=max_completion,
-                                      num_items=num_items)
-                if g.loss_type != "dapo":
-                    loss = loss / len(batches)
-                if g.entropy_coef:
-                    loss = loss - g.entropy_coef * masked_mean(ent, b["mask"]) / len(batches)
-                if dummy:
-                    loss = loss * 0.0
-                backward(accelerator, loss)
-            loss_sum += float(loss.detach())
-            if not dummy:
-                n = float(b["mask"].sum())
-                stats["entropy"].append((float((ent.detach() * b["mask"]).sum()), n))
-                if kl is not None:
-                    stats["kl"].append((float((kl.detach() * b["mask"]).sum()), n))
-                stats["clip"].append((ratio.detach(), b["adv"], b["mask"]))
-        if not math.isfinite(loss_sum):
-            raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged. Lower train.lr "
-                            f"(now {t.lr}), check the rewards, or resume from the last checkpoint")
-        grad_norm, lr = finish_step(accelerator, model, optimizer, scheduler, t.max_grad_norm)
-        stats["loss"] += loss_sum / g.num_iterations
-    return stats, grad_norm, lr
+def build_engine(cfg: GRPORecipe, run: TrainingSession, model, tok, updater: PolicyUpdate):
+    """The rollout engine: vLLM (colocated or a server), or posttrain's transformers engine (whole weights
+    gathered for decoding under FSDP2 / ZeRO-3)."""
+    g = cfg.grpo
+    if g.rollout_backend == "vllm":
+        from posttrain.rollout.vllm import build_training_engine  # an optional extra
+
+        return build_training_engine(cfg, model, tok, run.accelerator, run.run_dir,
+                                     g.vllm.max_model_len or cfg.data.max_length, prepared=updater.policy)
+    engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows,
+                             compute_dtype=updater.compute)
+    return GatheredRollouts(engine, updater.policy) if sharded_optimizer(model) else engine
+
+
+# ---------------------------------------------------------------------------------------------- the update
+
+
+class PolicyUpdate:
+    """The policy's side of a step: the reference, the optimizer and its schedule, and ``num_iterations``
+    optimizer updates on one batch of rollouts (:meth:`step`)."""
+
+    def __init__(self, cfg: GRPORecipe, run: TrainingSession, model, total_steps: int, max_completion: int):
+        g, t = cfg.grpo, cfg.train
+        self.cfg, self.run, self.model = cfg, run, model
+        self.is_peft = hasattr(model, "disable_adapter")
+        self.ref_model = None
+        if g.beta != 0 and not self.is_peft:  # full fine-tuning: a frozen copy is the reference
+            self.ref_model, _ = load_model(cfg.model, None, for_training=False, verbose=False)
+        self.compute = resolve_compute_dtype(g.compute_dtype, model)
+        if run.is_main:
+            print(f"[posttrain] compute: decoder layers in {str(self.compute or next(model.parameters()).dtype)[6:]}, "
+                  f"head and log-softmax in {str(decoder_and_head(model)[1].weight.dtype)[6:]}")
+        optimizer = build_optimizer(model, t)
+        scheduler = build_scheduler(optimizer, t, total_steps * g.num_iterations)
+        self.policy, self.optimizer, self.scheduler = run.prepare(
+            PolicyLogps(model, g.temperature, t.loss_chunk_size, self.compute), optimizer, scheduler)
+        self.cache: dict = {}  # weights the fast path prepacked, reused while unchanged
+        self.ref_cache: dict = {}
+        self.share_prompts = g.share_prompt and not cfg.model.gradient_checkpointing  # checkpointing drops the cache
+        self.objective = Objective(loss_type=g.loss_type, beta=g.beta, epsilon_low=g.epsilon,
+                                   epsilon_high=g.epsilon_high, entropy_coef=g.entropy_coef,
+                                   importance_sampling_cap=g.importance_sampling_cap,
+                                   max_completion_length=max_completion)
+
+    def step(self, batches: list[MicroBatch], dummy: bool, step: int) -> dict:
+        """The step's updates under the fast path's weights -> the step's statistics (TRL's names)."""
+        copies = self.run.launch in ("single", "ddp")
+        with fastpath.training(self.model, self.compute, cache=self.cache, copies=copies) as head:
+            stats, grad_norm, lr = self._updates(batches, head, dummy, step)
+        return {"loss": stats["loss"], "grad_norm": grad_norm, "learning_rate": lr,
+                **reduce_policy_stats(stats, self.cfg.grpo, self.run.accelerator, self.run.world)}
+
+    def _updates(self, batches: list[MicroBatch], head: Head, dummy: bool, step: int) -> tuple[dict, float, float]:
+        g, acc, world = self.cfg.grpo, self.run.accelerator, self.run.world
+        count = torch.tensor([sum(float(b.mask.sum()) for b in batches)], dtype=torch.float64, device=self.run.device)
+        if world > 1:
+            count = acc.reduce(count, reduction="sum")
+        num_items = max(float(count[0]), 1.0) / world  # dapo: tokens of the whole step; DDP averages over processes
+        ref = [None] * len(batches)
+        if g.beta != 0:
+            with torch.no_grad():
+                ref = [self._reference_logps(b, head) for b in batches]
+        old = [None] * len(batches)
+        stats = {"kl": [], "entropy": [], "clip": [], "loss": 0.0}
+        for _ in range(g.num_iterations):
+            loss_sum = 0.0
+            for j, b in enumerate(batches):
+                with accumulation(acc, self.policy, j == len(batches) - 1):
+                    flat_lp, flat_ent = self.policy(b, head, entropy_grad=g.entropy_coef > 0)
+                    logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
+                    if old[j] is None:  # first iteration: the policy that sampled (see the module docstring)
+                        old[j] = logps.detach()
+                    loss, ratio, kl = micro_batch_loss(self.objective, logps, old[j], b.advantages, b.mask, ent,
+                                                       num_micro_batches=len(batches), num_items=num_items,
+                                                       ref_logps=ref[j], sampler_logps=b.sample_logps)
+                    if dummy:
+                        loss = loss * 0.0
+                    backward(acc, loss)
+                loss_sum += float(loss.detach())
+                if not dummy:
+                    tokens = float(b.mask.sum())
+                    stats["entropy"].append((float((ent.detach() * b.mask).sum()), tokens))
+                    if kl is not None:
+                        stats["kl"].append((float((kl.detach() * b.mask).sum()), tokens))
+                    stats["clip"].append((ratio.detach(), b.advantages, b.mask))
+            if not math.isfinite(loss_sum):
+                raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged. Lower train.lr "
+                                f"(now {self.cfg.train.lr}), check the rewards, or resume from the last checkpoint")
+            grad_norm, lr = finish_step(acc, self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
+            stats["loss"] += loss_sum / g.num_iterations
+        return stats, grad_norm, lr
+
+    @torch.no_grad()
+    def _reference_logps(self, b: MicroBatch, head: Head) -> torch.Tensor:
+        """Token log-probs under the reference: the base with adapters disabled, or the frozen copy."""
+        module = getattr(self.policy, "module", self.policy)
+        if self.ref_model is not None:
+            ref_policy = PolicyLogps(self.ref_model, module.temperature, module.chunk_size, module.compute_dtype)
+            with fastpath.training(self.ref_model, module.compute_dtype, cache=self.ref_cache) as ref_head:
+                lp, _ = ref_policy(b, ref_head)
+        else:
+            with self.model.disable_adapter():
+                lp, _ = module(b, head)
+        return unpad(lp, b)
 
 
 # ---------------------------------------------------------------------------------------------- step pieces
 
 
-def gather_all(values: list, world: int) -> list:
-    """This process's list -> every process's items, in rank order."""
-    if world == 1:
-        return list(values)
-    from accelerate.utils import gather_object
-
-    return [x for part in gather_object([list(values)]) for x in part]
-
-
-def batch_advantages(groups: list[dict], g, rank: int, world: int) -> torch.Tensor:
-    """Advantages of this process's completions, computed over every process's rewards (scale_rewards=batch
-    needs the std of the whole batch)."""
-    from accelerate.utils import gather_object
-
-    local = [r for grp in groups for r in grp["rewards"]]
-    everyone = gather_object([local]) if world > 1 else [local]
+def batch_advantages(rollouts: StepRollouts, g, rank: int, world: int) -> list[float]:
+    """Advantages of this process's training samples, computed over every process's rewards
+    (scale_rewards=batch needs the std of the whole batch)."""
+    local = [s.reward for s in rollouts.samples()]
+    everyone = gather_all([local], world)
     flat = torch.tensor([r for part in everyone for r in part], dtype=torch.float64)
     if not flat.numel():
-        return flat.float()
+        return []
     offset = sum(len(part) for part in everyone[:rank])
-    adv, _ = group_advantages(flat, g.num_generations, g.scale_rewards)
-    return adv[offset:offset + len(local)].float()
+    advantages, _ = group_advantages(flat, g.num_generations, g.scale_rewards)
+    return advantages[offset:offset + len(local)].float().tolist()
+
+
+def frac_zero_std(group_rewards: list[list[float]], num_generations: int) -> float:
+    """The fraction of groups whose rewards all agree (1.0 when there are none)."""
+    if not group_rewards:
+        return 1.0
+    flat = torch.tensor([r for grp in group_rewards for r in grp], dtype=torch.float64)
+    return float(zero_std_groups(flat, num_generations).float().mean())
 
 
 def warn_zero_std(step: int, frac: float, g) -> None:
@@ -456,20 +315,34 @@ def warn_zero_std(step: int, frac: float, g) -> None:
                   "grpo.num_generations, an easier dataset, or a reward with partial credit.", stacklevel=2)
 
 
-@torch.no_grad()
-def reference_logps(model, ref_model, policy, b: dict) -> torch.Tensor:
-    """Token log-probs under the reference: the base with adapters disabled, or the frozen copy."""
-    module = getattr(policy, "module", policy)
-    if ref_model is not None:
-        ref_policy = PolicyLogps(ref_model, module.temperature, module.chunk_size, module.compute_dtype)
-        lp, _ = ref_policy(b)
-    else:
-        with model.disable_adapter():
-            lp, _ = module(b)
-    return unpad(lp, b)
+def run_sums(run: TrainingSession, values: list[float]) -> list[float]:
+    """Per-process numbers summed over every process."""
+    sums = torch.tensor(values, dtype=torch.float64, device=run.device)
+    if run.world > 1:
+        sums = run.accelerator.reduce(sums, reduction="sum")
+    return sums.tolist()
+
+
+def step_reward_metrics(rollouts: StepRollouts, world: int, frac_zero: float) -> dict:
+    """TRL's reward and completion metrics over the step's first round of rollouts of every process."""
+    samples = gather_all([(s.reward, s.per_reward, s.length, s.truncated)
+                          for grp in rollouts.first for s in grp.samples], world)
+    names = list(samples[0][1]) if samples else []
+    out = reward_metrics([r for r, *_ in samples], {nm: [p[nm] for _, p, *_ in samples] for nm in names})
+    out["frac_reward_zero_std"] = frac_zero
+    lengths = [n for *_, n, _ in samples]
+    term = [n for *_, n, tr in samples if not tr]
+    out.update({"completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": min(lengths),
+                "completions/max_length": max(lengths),
+                "completions/clipped_ratio": sum(tr for *_, tr in samples) / len(samples),
+                "completions/mean_terminated_length": sum(term) / len(term) if term else 0.0,
+                "completions/min_terminated_length": min(term) if term else 0,
+                "completions/max_terminated_length": max(term) if term else 0})
+    return out
 
 
 def reduce_policy_stats(stats: dict, g, accelerator, world: int) -> dict:
+    """Entropy, KL and clip fractions over every process's tokens of the step."""
     def total(pairs):
         s = torch.tensor([sum(p[0] for p in pairs), sum(p[1] for p in pairs)], dtype=torch.float64,
                          device=accelerator.device)
@@ -481,13 +354,11 @@ def reduce_policy_stats(stats: dict, g, accelerator, world: int) -> dict:
     if g.beta != 0:
         out["kl"] = total(stats["kl"])
     if stats["clip"]:
-        T = max(c[0].shape[1] for c in stats["clip"])
-        pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731
+        width = max(c[0].shape[1] for c in stats["clip"])
+        pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
         ratio = torch.cat([pad(c[0]) for c in stats["clip"]])
-        adv = torch.cat([c[1] for c in stats["clip"]])
+        advantages = torch.cat([c[1] for c in stats["clip"]])
         mask = torch.cat([pad(c[2]) for c in stats["clip"]])
-        fr = clip_fractions(ratio, adv, mask, g.epsilon, g.epsilon_high)
+        fr = clip_fractions(ratio, advantages, mask, g.epsilon, g.epsilon_high)
         out.update({k: float(v) for k, v in fr.items()})
     return out
-
-

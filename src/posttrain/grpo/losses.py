@@ -10,150 +10,12 @@ Shapes: ``B`` completions, ``T`` completion positions (right-padded), ``mask`` (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
-
-
-# --------------------------------------------------------------------------------------------------
-# Token log-probabilities (chunked selective log-softmax) and entropy
-
-
-def _logits(hidden: torch.Tensor, weight, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """float32 ``hidden @ weight.T + bias`` over temperature; ``weight`` may be a frozen packed weight
-    (:class:`posttrain.fastpath.onednn.PackedWeight`, its bias included)."""
-    logits = weight.linear(hidden).float() if hasattr(weight, "linear") else F.linear(hidden, weight, bias).float()
-    return logits / temperature if temperature != 1.0 else logits
-
-
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable log-probabilities and entropy of one chunk (checkpointed when the entropy trains)."""
-    logits = _logits(hidden, weight, bias, temperature)
-    logz = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    if with_entropy:  # H = logZ - sum_v p_v * logit_v  (a batched dot product: no second (N, V) product)
-        probs = torch.softmax(logits, dim=-1)
-        entropy = logz - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
-    else:
-        entropy = logps.new_zeros(())
-    return logps, entropy
-
-
-@torch.no_grad()
-def _chunk_probs(hidden: torch.Tensor, weight, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float,
-                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_chunk_logps`` without autograd, in fewer passes over the (N, V) chunk: one exp gives logZ, the
-    probabilities and the entropy. Returns ``(logps, entropy, logz, probs)``."""
-    logits = _logits(hidden, weight, bias, temperature)
-    peak = logits.amax(-1, keepdim=True)
-    probs = (logits - peak).exp_()
-    total = probs.sum(-1, keepdim=True)
-    logz = (peak + total.log()).squeeze(-1)
-    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    probs.div_(total)
-    if with_entropy:  # H = logZ - sum_v p_v * logit_v
-        entropy = logz - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
-    else:
-        entropy = logps.new_zeros(())
-    return logps, entropy, logz, probs
-
-
-class _FusedChunkLogps(torch.autograd.Function):
-    """``_chunk_logps`` with a hand-written backward (the entropy as a detached metric), forming
-    ``d logp / d logits = onehot - p`` in place. With ``keep_probs`` the forward keeps the chunk's probabilities
-    (N, V) for the backward; without, it keeps only ``logZ`` (N,) and the backward rebuilds the logits (one
-    more head matmul). Autograd through a checkpointed ``_chunk_logps`` would recompute the entropy too and run
-    logsumexp's own backward over the whole (N, V) chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool, keep_probs: bool = False):
-        logps, entropy, logz, probs = _chunk_probs(hidden, weight, bias, targets, temperature, with_entropy)
-        saved = probs if keep_probs else logz
-        if isinstance(weight, torch.Tensor):
-            ctx.save_for_backward(hidden, weight, bias, targets, saved)
-            ctx.packed = None
-        else:  # a frozen packed weight (not a tensor)
-            ctx.save_for_backward(hidden, bias, targets, saved)
-            ctx.packed = weight
-        ctx.temperature, ctx.keep_probs, ctx.done = temperature, keep_probs, False
-        ctx.mark_non_differentiable(entropy)
-        return logps, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy):
-        if ctx.packed is None:
-            hidden, weight, bias, targets, saved = ctx.saved_tensors
-        else:
-            (hidden, bias, targets, saved), weight = ctx.saved_tensors, ctx.packed
-        if ctx.done:
-            raise RuntimeError("the chunked log-softmax backward runs once (its buffers are reused in place)")
-        ctx.done = True
-        t = ctx.temperature
-        with torch.no_grad():
-            if ctx.keep_probs:
-                g = saved.mul_(-grad_logps.unsqueeze(-1))                         # -grad * p (p kept)
-            else:
-                g = _logits(hidden, weight, bias, t)
-                g.sub_(saved.unsqueeze(-1)).exp_().mul_(-grad_logps.unsqueeze(-1))   # -grad * p
-            g.scatter_add_(-1, targets.unsqueeze(-1), grad_logps.unsqueeze(-1))     # + grad * onehot
-            if t != 1.0:
-                g.div_(t)
-            if not ctx.needs_input_grad[0]:
-                gh = None
-            elif hasattr(weight, "grad_input"):  # a frozen packed weight: no weight gradient
-                gh = weight.grad_input(g).to(hidden.dtype)
-            else:
-                gh = g.to(hidden.dtype) @ weight
-            gw = g.t().to(weight.dtype) @ hidden if ctx.packed is None and ctx.needs_input_grad[1] else None
-            gb = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return gh, gw, gb, None, None, None, None
-
-
-KEEP_PROBS_BYTES = 256 * 2**20  # keep float32 probabilities for the backward while a call's total is below this
-
-
-def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                          bias: torch.Tensor | None = None, temperature: float = 1.0, chunk_size: int = 1024,
-                          entropy: bool = False, entropy_grad: bool = False, packed=None
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``log softmax(hidden @ weight.T / temperature)[target]`` for each row, and optionally the entropy of
-    that distribution, without ever holding more than ``chunk_size`` rows of float32 logits.
-
-    ``hidden`` (N, H) are the final hidden states at the positions to score, ``targets`` (N,) the token that
-    follows each. Returns float32 ``(logps (N,), entropy (N,) or None)``. Under autograd a chunk's logits are
-    not kept: its probabilities are, while all chunks' together take at most ``KEEP_PROBS_BYTES`` (256 MB: one
-    head matmul less per chunk); beyond that they are rebuilt in the backward pass (by :class:`_FusedChunkLogps`,
-    or by checkpointing when the entropy itself carries a gradient). The entropy carries a
-    gradient only with ``entropy_grad`` (an entropy bonus); as a metric it is detached. ``packed``: the same
-    weight (and bias), frozen and packed for oneDNN (:mod:`posttrain.fastpath.onednn`): used for the matmuls instead.
-    """
-    if temperature <= 0:
-        raise ValueError("temperature must be positive")
-    logps_out, ent_out = [], []
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if packed is not None and not weight.requires_grad:
-        weight, bias = packed, None
-    vocab = weight.shape[0]
-    keep_probs = hidden.shape[0] * vocab * 4 <= KEEP_PROBS_BYTES
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if grad and not entropy_grad:
-            lp, ent = _FusedChunkLogps.apply(h, weight, bias, t, temperature, entropy, keep_probs)
-        elif grad:
-            lp, ent = checkpoint(_chunk_logps, h, weight, bias, t, temperature, entropy, use_reentrant=False)
-        else:
-            lp, ent = _chunk_probs(h, weight, bias, t, temperature, entropy)[:2]
-        logps_out.append(lp)
-        ent_out.append(ent if entropy_grad else ent.detach())
-    if not logps_out:
-        empty = hidden.new_zeros((0,), dtype=torch.float32)
-        return empty, (empty if entropy else None)
-    logps = torch.cat(logps_out)
-    return logps, (torch.cat(ent_out) if entropy else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,3 +183,47 @@ def clip_fractions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
         "clip_ratio/high_max": seq_high.max() if seq_high.numel() else nan,
         "clip_ratio/region_mean": masked_mean(torch.clamp(low + high, max=1.0), m),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole objective of one micro-batch
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The settings of GRPO's loss (see :func:`micro_batch_loss`)."""
+
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None
+    entropy_coef: float = 0.0
+    importance_sampling_cap: float | None = None
+    max_completion_length: int | None = None
+
+
+def micro_batch_loss(obj: Objective, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                     mask: torch.Tensor, entropy: torch.Tensor, *, num_micro_batches: int, num_items: float,
+                     ref_logps: torch.Tensor | None = None, sampler_logps: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The loss one micro-batch contributes to the step's gradient (its share of the step's objective):
+
+        l      = per_token_grpo_loss(logps, old, A, ref, beta, eps)  (x TIS weights with a sampler's logps)
+        loss   = aggregate_loss(l, mask, loss_type, num_items)       (dapo: / tokens of the whole step)
+                 / num_micro_batches                                 (grpo, bnpo, dr_grpo: gradient accumulation)
+                 - entropy_coef * masked_mean(entropy) / num_micro_batches
+
+    ``num_items``: the completion tokens of the whole step over all processes, divided by the number of
+    processes (DDP averages gradients). Returns ``(loss, ratio, kl or None)``."""
+    is_w = None
+    if obj.importance_sampling_cap and sampler_logps is not None:
+        is_w = truncated_importance_weights(old_logps, sampler_logps, obj.importance_sampling_cap, mask)
+    ptl, ratio, kl = per_token_grpo_loss(logps, old_logps, advantages, ref_logps=ref_logps, beta=obj.beta,
+                                         epsilon_low=obj.epsilon_low, epsilon_high=obj.epsilon_high, is_weights=is_w)
+    loss = aggregate_loss(ptl, mask, obj.loss_type, max_completion_length=obj.max_completion_length,
+                          num_items=num_items)
+    if obj.loss_type != "dapo":
+        loss = loss / num_micro_batches
+    if obj.entropy_coef:
+        loss = loss - obj.entropy_coef * masked_mean(entropy, mask) / num_micro_batches
+    return loss, ratio, kl

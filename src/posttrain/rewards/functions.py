@@ -17,20 +17,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
-from posttrain.verify.extract import DEFAULT_TAGS, extract_answer, last_boxed
-from posttrain.verify.verifier import gold_parseable
+from posttrain.verify import DEFAULT_TAGS, default_pool, extract_answer, gold_parseable, last_boxed
 
 GOLD_COLUMNS = ("answer", "solution", "ground_truth", "gold", "reward_model")
-
-
-@dataclass(frozen=True)
-class Markers:
-    reasoning_start: str = "<start_working_out>"
-    reasoning_end: str = "<end_working_out>"
-    solution_start: str = "<SOLUTION>"
-    solution_end: str = "</SOLUTION>"
 
 
 def completion_text(c) -> str:
@@ -152,11 +142,7 @@ class MathAccuracy(RewardFunction):
             prefix = opened_prefix(p, openers, self.prompt_suffix) or ""
             preds.append(extract_answer(completion_text(c), self.style, tags=self.tags,
                                         last_number=self.last_number, prompt_suffix=prefix))
-        pool = self.pool
-        if pool is None:
-            from posttrain.verify.pool import default_pool
-
-            pool = default_pool()
+        pool = self.pool if self.pool is not None else default_pool()
         todo = [i for i, p in enumerate(preds) if p is not None]
         verdicts = pool.verify_many([(preds[i], _gold_answer(golds[i])) for i in todo], timeout=self.timeout)
         by_index = dict(zip(todo, verdicts))

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import statistics
@@ -50,13 +51,37 @@ class RewardFailureError(UserError):
     """Too many samples of a batch failed in one reward function."""
 
 
+class RewardContractError(UserError):
+    """A reward function broke its contract (a wrong number of values, NaN or infinity) under ``strict``."""
+
+
+def _std(values: list[float]) -> float:
+    """The unbiased standard deviation (TRL's), 0 with fewer than two values."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def reward_metrics(total: list[float | None], per_reward: dict[str, list[float | None]]) -> dict[str, float]:
+    """TRL's reward metrics over a batch: ``reward``, ``reward_std`` and ``rewards/<name>/mean|std`` (None and
+    NaN values left out; NaN means when nothing is left)."""
+    def present(values):
+        return [v for v in values if v is not None and not math.isnan(v)]
+
+    out = {}
+    for name, values in per_reward.items():
+        vals = present(values)
+        out[f"rewards/{name}/mean"] = statistics.fmean(vals) if vals else float("nan")
+        out[f"rewards/{name}/std"] = _std(vals)
+    vals = present(total)
+    out["reward"] = statistics.fmean(vals) if vals else float("nan")
+    out["reward_std"] = _std(vals)
+    return out
+
+
 _MARKER_KEYS = ("reasoning_start", "reasoning_end", "solution_start", "solution_end")
 
 
 def _params(cls) -> list[str]:
     """Keyword arguments a built-in accepts (marker names for the Unsloth functions)."""
-    import inspect
-
     if cls.__init__ is object.__init__:
         return []
     names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
@@ -142,7 +167,7 @@ def get_reward_funcs(names_or_specs, *, prompt_suffix=None, pool=None, markers=N
 
     ``prompt_suffix``: what the chat template's generation prompt appends (see
     ``functions.generation_suffix``); format rewards prepend it. ``pool``: the ``VerifierPool`` for
-    ``math_accuracy``. ``markers``: ``functions.Markers`` for the Unsloth preset.
+    ``math_accuracy``. ``markers``: ``config.ReasoningMarkers`` for the Unsloth preset.
     """
     shared = {"prompt_suffix": prompt_suffix, "pool": pool, "markers": markers}
     return [fn for spec in _as_list(names_or_specs) for fn, _ in _resolve(spec, shared)]
@@ -161,9 +186,14 @@ def _as_list(specs):
 
 
 class RewardSet:
-    """Reward functions with weights: ``total, per_reward, metrics = rs(prompts, completions, **columns)``."""
+    """Reward functions with weights: ``total, per_reward, metrics = rs(prompts, completions, **columns)``.
 
-    def __init__(self, funcs, weights=None, *, max_failure_fraction: float = 0.5):
+    The one place rewards are validated. A function that raises is retried per sample (see the module
+    docstring). A function that returns the wrong number of values, NaN or infinity: by default its values
+    count as failures; with ``strict`` (training, where a quiet NaN would poison every advantage of its group)
+    it stops the run with :class:`RewardContractError` naming the function."""
+
+    def __init__(self, funcs, weights=None, *, max_failure_fraction: float = 0.5, strict: bool = False):
         funcs = list(funcs)
         weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
         if len(weights) != len(funcs):
@@ -172,6 +202,7 @@ class RewardSet:
             raise UserError(f"max_failure_fraction must be between 0 and 1, got {max_failure_fraction}")
         self.funcs, self.weights = funcs, weights
         self.max_failure_fraction = max_failure_fraction
+        self.strict = strict
         self.names = []
         for f in funcs:
             base = getattr(f, "__name__", None) or type(f).__name__
@@ -184,9 +215,16 @@ class RewardSet:
         self._first_error: dict[str, str] = {}
 
     @classmethod
-    def from_specs(cls, specs, *, prompt_suffix=None, pool=None, markers=None, max_failure_fraction=0.5):
+    def from_specs(cls, specs, *, prompt_suffix=None, pool=None, markers=None, max_failure_fraction=0.5,
+                   weights=None, strict: bool = False):
+        """``weights`` (one per function after presets expand) replace the specs' own."""
         pairs = resolve_rewards(specs, prompt_suffix=prompt_suffix, pool=pool, markers=markers)
-        return cls([f for f, _ in pairs], [w for _, w in pairs], max_failure_fraction=max_failure_fraction)
+        if weights is not None and len(weights) != len(pairs):
+            raise UserError(f"{len(weights)} reward weights for {len(pairs)} reward functions "
+                            f"{[getattr(f, '__name__', type(f).__name__) for f, _ in pairs]}; give one weight per "
+                            "function (presets expand: unsloth_math is 4)")
+        return cls([f for f, _ in pairs], weights or [w for _, w in pairs],
+                   max_failure_fraction=max_failure_fraction, strict=strict)
 
     def __call__(self, prompts, completions, **columns):
         n = len(completions)
@@ -196,9 +234,6 @@ class RewardSet:
             values, failed = self._call_one(name, fn, prompts, completions, columns, n)
             per_reward[name] = values
             self.failures[name] += failed
-            present = [v for v in values if v is not None]
-            metrics[f"rewards/{name}/mean"] = statistics.fmean(present) if present else float("nan")
-            metrics[f"rewards/{name}/std"] = statistics.pstdev(present) if len(present) > 1 else 0.0
             metrics[f"rewards/{name}/failures"] = failed
             for key, val in (fn.metrics() if hasattr(fn, "metrics") and callable(fn.metrics) else {}).items():
                 metrics[f"rewards/{name}/{key}"] = val
@@ -212,9 +247,7 @@ class RewardSet:
         for i in range(n):
             parts = [w * per_reward[nm][i] for nm, w in zip(self.names, self.weights) if per_reward[nm][i] is not None]
             total.append(math.fsum(parts) if parts else None)
-        present = [t for t in total if t is not None]
-        metrics["reward"] = statistics.fmean(present) if present else float("nan")
-        metrics["reward_std"] = statistics.pstdev(present) if len(present) > 1 else 0.0
+        metrics.update(reward_metrics(total, per_reward))
         return total, per_reward, metrics
 
     def _log_failure(self, name, exc):
@@ -228,6 +261,8 @@ class RewardSet:
         try:
             values = self._check(name, fn(prompts=prompts, completions=completions, **columns), n)
             return values, 0
+        except RewardContractError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a reward bug must not kill the run: retry per sample
             self._log_failure(name, exc)
         values, failed = [], 0
@@ -236,19 +271,28 @@ class RewardSet:
             p = prompts[i : i + 1] if isinstance(prompts, (list, tuple)) and len(prompts) == n else prompts
             try:
                 values.append(self._check(name, fn(prompts=p, completions=completions[i : i + 1], **sub), 1)[0])
+            except RewardContractError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 self._log_failure(name, exc)
                 values.append(None)
                 failed += 1
         return values, failed
 
-    @staticmethod
-    def _check(name, values, n):
+    def _check(self, name, values, n):
         if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
             raise TypeError(f"reward {name!r} returned {type(values).__name__}, expected a list of floats")
         values = list(values)
         if len(values) != n:
+            if self.strict:
+                raise RewardContractError(f"reward {name!r} returned {len(values)} values for {n} completions; it "
+                                          "must return one float (or None to skip) per completion")
             raise ValueError(f"reward {name!r} returned {len(values)} values for {n} completions")
+        if self.strict:
+            bad = [v for v in values if isinstance(v, (int, float)) and not math.isfinite(v)]
+            if bad:
+                raise RewardContractError(f"reward {name!r} returned {bad[0]} (non-finite); return a finite float, "
+                                          "or None to skip a completion")
         out = []
         for v in values:
             if v is not None and not isinstance(v, (int, float)):

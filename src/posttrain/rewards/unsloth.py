@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import re
 
-from posttrain.rewards.functions import Markers, RewardFunction, completion_text, opened_prefix
+from posttrain.config import ReasoningMarkers
+from posttrain.rewards.functions import RewardFunction, completion_text, opened_prefix
 
 _EOS_DEFAULT = r"(?:<\|endoftext\|>|<\|im_end\|>|</s>|<eos>|<\|eot_id\|>)"
 
 
 class _UnslothBase(RewardFunction):
-    def __init__(self, markers: Markers | None = None, eos_token: str | None = None,
+    def __init__(self, markers: ReasoningMarkers | None = None, eos_token: str | None = None,
                  prompt_suffix: str | None = None, answer_column: str = "answer", require_opener: bool = True,
                  **marker_overrides):
-        m = markers or Markers()
+        m = markers or ReasoningMarkers()
         if marker_overrides:
-            m = Markers(**{**m.__dict__, **marker_overrides})
+            m = ReasoningMarkers(**{**m.model_dump(), **marker_overrides})
         self.markers = m
         self.prompt_suffix = prompt_suffix
         self.answer_column = answer_column

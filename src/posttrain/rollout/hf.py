@@ -8,7 +8,7 @@ What makes it cheaper than ``model.generate`` on the same model:
 2. **Merged LoRA while generating.** A decode step costs what the base model costs: no extra LoRA matmuls and
    no PEFT dispatch per layer. On a CPU with oneDNN each LoRA layer computes with one packed copy of
    ``W + BA`` (:mod:`posttrain.fastpath.onednn`; the base weights are never written). Elsewhere the adapter is folded
-   into the base weights for the rollout and taken out afterwards (:func:`merged_lora`): fp32 weights in place
+   into the base weights for the rollout and taken out afterwards (:func:`posttrain.fastpath.weights.merged_lora`): fp32 weights in place
    (``W += BA``, then ``W -= BA``: the round trip moves a weight by at most an ulp), 16-bit weights backed up to
    host memory and restored exactly; 4-bit weights are left unmerged (folding into NF4 would re-quantize them).
 3. **A lean forward where it applies** (:mod:`posttrain.fastpath.lean`: Llama-family models on CPU): fused
@@ -26,98 +26,13 @@ What makes it cheaper than ``model.generate`` on the same model:
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
 from typing import Sequence
 
 import torch
 
-from posttrain.fastpath import onednn as packed
+from posttrain import fastpath
 from posttrain.models import autocast_to, decoder_and_head
-from posttrain.fastpath import lean
-from posttrain.rollout import Rollouts, SamplingParams
-
-
-# --------------------------------------------------------------------------------------------------
-# LoRA merged for generation
-
-
-def _lora_layers(model):
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return []
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
-
-
-@contextmanager
-def merged_lora(model, mode: str = "auto"):
-    """Run the body with the active LoRA adapter folded into the base weights, then restore them.
-
-    ``mode``: ``auto`` (``inplace`` for fp32 weights or DoRA, ``backup`` for 16-bit; 4-bit bases stay unmerged),
-    ``inplace`` (peft ``merge_adapter``/``unmerge_adapter``: the round trip moves a weight by at most an ulp,
-    harmless in fp32 but 0.4% in bf16), ``backup`` (originals kept in host memory and written back: exact),
-    ``none``.
-    """
-    layers = _lora_layers(model)
-    if mode == "none" or not layers or not hasattr(model, "merge_adapter"):
-        yield
-        return
-    base_weights = [m.get_base_layer().weight for m in layers]
-    if any(w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.__class__.__name__ == "Params4bit"
-           for w in base_weights):
-        yield  # quantized base: generate through the unmerged adapter
-        return
-    if mode == "auto":
-        uses_dora = any(any(m.use_dora.values()) for m in layers if hasattr(m, "use_dora"))
-        mode = "inplace" if uses_dora or all(w.dtype == torch.float32 for w in base_weights) else "backup"
-    if mode == "inplace":
-        model.merge_adapter()
-        try:
-            yield
-        finally:
-            model.unmerge_adapter()
-        return
-    # backup: the base weights copied to host memory, the delta added in place, the copies written back
-    # afterwards (exact; on a GPU it costs host RAM and two transfers, not a second copy in GPU memory)
-    saved = []
-    with torch.no_grad():
-        for m, w in zip(layers, base_weights):
-            delta = sum(m.get_delta_weight(name) for name in m.active_adapters if name in m.lora_A)
-            saved.append(w.data.to("cpu", copy=True))
-            w.data.add_(delta.to(w.dtype))
-    try:
-        with model.disable_adapter():
-            yield
-    finally:
-        with torch.no_grad():
-            for w, orig in zip(base_weights, saved):
-                w.data.copy_(orig.to(w.device))
-
-
-@contextmanager
-def layers_in(model, dtype: torch.dtype | None, frozen_only: bool = False):
-    """While generating with a 16-bit compute dtype, hold the decoder layers' float32 linear weights as
-    ``dtype`` copies (cast once per rollout instead of by autocast at every decode step); restored after.
-    The embeddings and the head keep their dtype. ``frozen_only`` (training): only weights that do not train
-    (a LoRA model's base) are held as copies; autocast would cast them to ``dtype`` at every forward anyway
-    (it caches casts only of trainable leaves), so the results are the same, without a cast per matmul."""
-    if dtype is None:
-        yield
-        return
-    decoder, head = decoder_and_head(model)
-    saved = []
-    with torch.no_grad():
-        for m in decoder.modules():
-            if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 and m.weight is not head.weight:
-                for p in (m.weight, m.bias):
-                    if p is not None and not (frozen_only and p.requires_grad):
-                        saved.append((p, p.data))
-                        p.data = p.data.to(dtype)
-    try:
-        yield
-    finally:
-        for p, data in saved:
-            p.data = data
+from posttrain.rollout import Rollouts, SamplingParams, completion_seed, stop_token_ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,16 +55,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         thresh = probs.amax(dim=-1, keepdim=True) * min_p
         logits = logits.masked_fill(probs < thresh, float("-inf"))
     return logits
-
-
-def _mix(*xs: int) -> int:
-    """A deterministic 63-bit mix of integers (splitmix64 steps): seeds for per-completion generators."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: Sequence[torch.Generator]
@@ -183,7 +88,7 @@ class HFRolloutEngine:
     """``generate(prompts, n, sampling, seeds=None) -> Rollouts`` on a transformers (optionally PEFT) model.
 
     ``max_rows``: at most this many completions decode together (prompts are taken in whole groups, longest
-    first); ``None`` decodes the whole batch at once. ``merge``: see :func:`merged_lora`.
+    first); ``None`` decodes the whole batch at once. ``merge``: see :func:`posttrain.fastpath.weights.merged_lora`.
     """
 
     def __init__(self, model, tokenizer, *, merge: str = "auto", max_rows: int | None = None,
@@ -195,45 +100,10 @@ class HFRolloutEngine:
         self.compute_dtype = compute_dtype  # e.g. bfloat16: decoder layers in bf16, the head in its own dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.lean = lean  # the lean decoder forward where it applies (CPU, Llama-family; see rollout.lean)
-        self.packed_cache: dict = {}  # frozen weights packed for oneDNN, kept across rollouts (and steps)
-
-    @contextmanager
-    def _weights(self, model):
-        """The weights a rollout computes with; yields this rollout's lean decoder, or None for transformers'
-        forward. On a CPU with oneDNN (:mod:`posttrain.fastpath.onednn`): each LoRA layer with one packed merged weight
-        ``W + BA`` (the base weights untouched), the other linears and the head packed (frozen ones once per run),
-        in the compute dtype (the head in its own). Elsewhere: the adapter merged (:func:`merged_lora`) and the
-        decoder held in the compute dtype (:func:`layers_in`)."""
-        device = next(model.parameters()).device
-        lora = packed.mergeable_lora_layers(model) if packed.available(device) and self.merge != "none" else None
-        if lora is None:
-            with merged_lora(model, self.merge), layers_in(model, self.compute_dtype):
-                yield None
-            return
-        decoder, head = decoder_and_head(model)
-        heads = packed.frozen_linears(head, frozen_only=False) if isinstance(head, torch.nn.Linear) else []
-        with ExitStack() as stack:
-            stack.enter_context(packed.packed_linears(heads, None, grad_input=False, rows_hint=16,
-                                                      cache=self.packed_cache))
-            if self.lean and lean.unsupported(model) is None:
-                yield lean.LeanDecoder(model, lora, self.compute_dtype)
-                return
-            inside_lora = tuple(sub for m in lora for sub in m.modules())
-            rest = packed.frozen_linears(decoder, exclude=inside_lora + (head,), frozen_only=False)
-            stack.enter_context(packed.packed_merged_lora(lora, self.compute_dtype))
-            stack.enter_context(packed.packed_linears(rest, self.compute_dtype, grad_input=False, rows_hint=16,
-                                                      cache=self.packed_cache))
-            yield None
+        self.prepacked_cache: dict = {}  # frozen weights packed for oneDNN, kept across rollouts (and steps)
 
     def default_stop_ids(self) -> tuple[int, ...]:
-        ids = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        gen_cfg = getattr(self.model, "generation_config", None)
-        eos = getattr(gen_cfg, "eos_token_id", None)
-        if eos is not None:
-            ids.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-        return tuple(sorted(ids))
+        return stop_token_ids(self.model, self.tokenizer)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, *,
@@ -255,11 +125,12 @@ class HFRolloutEngine:
         was_training = model.training
         model.eval()
         try:
-            with self._weights(model) as lean_decoder:
+            with fastpath.rollout(model, self.compute_dtype, merge=self.merge, use_lean=self.lean,
+                                  cache=self.prepacked_cache) as weights:
                 for start in range(0, len(order), per_chunk):
                     idx = order[start:start + per_chunk]
                     out = self._generate_chunk([prompts[i] for i in idx], n, sampling, [seeds[i] for i in idx], stats,
-                                               lean_decoder)
+                                               weights)
                     for k, i in enumerate(idx):
                         results[i] = tuple(part[k * n:(k + 1) * n] for part in out)
         finally:
@@ -290,17 +161,8 @@ class HFRolloutEngine:
                 text = text[:pos + len(s)] if sampling.include_stop_str_in_output else text[:pos]
         return text
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits from final hidden states: the head in its weight's dtype (float32 on CPU), packed when
-        :meth:`_weights` packed it, never under autocast."""
-        _, head = decoder_and_head(self.model)
-        head_packed = packed.packed_weight(head)
-        if head_packed is not None:
-            return head_packed.linear(hidden).float()
-        return torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, getattr(head, "bias", None)).float()
-
     def _generate_chunk(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seeds: list[int],
-                        stats: dict, lean_decoder=None) -> tuple[list[list[int]], list[list[float]], list[str]]:
+                        stats: dict, weights: fastpath.RolloutWeights) -> tuple[list[list[int]], list[list[float]], list[str]]:
         model = self.model
         device = next(model.parameters()).device
         P, N = len(prompts), len(prompts) * n
@@ -314,8 +176,8 @@ class HFRolloutEngine:
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
 
         t0 = time.perf_counter()
-        runner = _LeanRunner(self, lean_decoder) if lean_decoder is not None else _HFRunner(self)
-        stats["forward"] = "lean" if lean_decoder is not None else "transformers"
+        runner = _LeanRunner(weights) if weights.decoder is not None else _HFRunner(self, weights.head)
+        stats["forward"] = "lean" if weights.decoder is not None else "transformers"
         logits = runner.prefill(input_ids, attn, positions, Lp + sampling.max_new_tokens)
         runner.repeat(n)  # the group's G samples share one prefill
         logits = logits.repeat_interleave(n, dim=0)
@@ -327,7 +189,7 @@ class HFRolloutEngine:
         for i in range(P):
             for j in range(n):
                 g = torch.Generator(device=gen_device)
-                g.manual_seed(_mix(sampling.seed, seeds[i], j))
+                g.manual_seed(completion_seed(sampling.seed, seeds[i], j))
                 gens.append(g)
         stop_ids = set(sampling.stop_token_ids or self.default_stop_ids()) if not sampling.ignore_eos else set()
         stop_strings = tuple(sampling.stop_strings) if not sampling.ignore_eos else ()
@@ -372,10 +234,10 @@ class HFRolloutEngine:
 class _HFRunner:
     """Prefill and decode steps through transformers' own forward and a ``DynamicCache``."""
 
-    def __init__(self, engine: HFRolloutEngine):
+    def __init__(self, engine: HFRolloutEngine, head):
         from transformers import DynamicCache
 
-        self.engine = engine
+        self.engine, self.head = engine, head
         self.cache = DynamicCache(config=engine.model.config)
 
     def _forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -384,7 +246,7 @@ class _HFRunner:
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
-        return self.engine._head(out.last_hidden_state[:, -1])
+        return self.head(out.last_hidden_state[:, -1])
 
     def prefill(self, input_ids, attn, positions, max_len: int) -> torch.Tensor:
         return self._forward(input_ids, attn, positions)
@@ -402,8 +264,8 @@ class _HFRunner:
 class _LeanRunner:
     """Prefill and decode steps through :class:`posttrain.fastpath.lean.LeanDecoder` and its preallocated cache."""
 
-    def __init__(self, engine: HFRolloutEngine, lean):
-        self.engine, self.lean, self.cache, self.col = engine, lean, None, 0
+    def __init__(self, weights: fastpath.RolloutWeights):
+        self.lean, self.head, self.cache, self.col = weights.decoder, weights.head, None, 0
 
     def prefill(self, input_ids, attn, positions, max_len: int) -> torch.Tensor:
         P, Lp = input_ids.shape
@@ -413,12 +275,12 @@ class _LeanRunner:
         keep = (causal & attn.bool()[:, None, :]) | eye
         hidden = self.lean.forward(input_ids, positions, keep[:, None], self.cache, 0)
         self.col = Lp
-        return self.engine._head(hidden)
+        return self.head(hidden)
 
     def step(self, tok, attn, next_pos) -> torch.Tensor:
         hidden = self.lean.forward(tok, next_pos, attn.bool()[:, None, None, :], self.cache, self.col)
         self.col += 1
-        return self.engine._head(hidden)
+        return self.head(hidden)
 
     def repeat(self, n: int) -> None:
         self.cache = self.cache.repeat_interleave(n, dim=2)
@@ -427,4 +289,4 @@ class _LeanRunner:
         self.cache = self.cache.index_select(2, idx)
 
 
-__all__ = ["HFRolloutEngine", "filter_logits", "layers_in", "merged_lora", "sample_tokens"]
+__all__ = ["HFRolloutEngine", "filter_logits", "sample_tokens"]

@@ -1,0 +1,47 @@
+"""Float32 attention under a 16-bit autocast on CPU, registered through transformers' public
+``AttentionInterface`` (and its mask interface) as ``posttrain_sdpa_float32``.
+
+On CPU the bf16 sdpa kernel's backward is ~3x slower than float32's (5.0 vs 1.9 ms at 4 x 9 heads x 64 x 104),
+and under autocast q and k already arrive in float32 (rotary promotion); so while a bf16 update runs, attention
+computes in float32 and the projections around it stay in bf16. The model switches to the registered
+implementation for the body (``set_attn_implementation``) and back afterwards; nothing global is overwritten.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "posttrain_sdpa_float32"
+
+
+def sdpa_float32(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' sdpa attention with q, k and v in float32 and autocast off."""
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, *args,
+                                      **kwargs)
+
+
+AttentionInterface.register(NAME, sdpa_float32)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+@contextmanager
+def float32_attention(model, compute_dtype: torch.dtype | None):
+    """While the body runs, a model on CPU with sdpa attention and a 16-bit compute dtype attends in float32.
+    Nothing changes on GPUs, without a compute dtype, or for other attention implementations."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device
+    current = getattr(base.config, "_attn_implementation", None)
+    if device.type != "cpu" or compute_dtype is None or current != "sdpa":
+        yield
+        return
+    base.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(current)
