@@ -4,12 +4,18 @@
 
 from __future__ import annotations
 
-
 import importlib.util
 import json
 import os
+import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import UserError
@@ -27,7 +33,6 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str = "auto") -> str:
-    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +43,6 @@ def resolve_device(device: str = "auto") -> str:
 
 def resolve_dtype(name: str, device: str):
     """auto: bf16 on CUDA that supports it, fp16 on older CUDA, fp32 on CPU (bf16 matmul is slow on CPUs)."""
-    import torch
 
     if name == "auto":
         if device.startswith("cuda"):
@@ -75,8 +79,6 @@ def materialize_alias(alias: str) -> Path:
     gguf_path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not gguf_path.is_file():
         raise UserError(f"model '{alias}': {gguf_path} is missing; reinstall with: {install}")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
@@ -86,7 +88,6 @@ def materialize_alias(alias: str) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if target.exists():  # another process finished first
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -125,7 +126,6 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
 
 def load_tokenizer(source: str, gguf_file: str | None = None, revision: str | None = None,
                    trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, **kw)
@@ -138,8 +138,6 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
                summary: bool = True):
     """Load (model, tokenizer) as the config says. With ``lora`` the model is a PEFT model whose base
     weights are frozen; without it every parameter trains (full fine-tuning)."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -159,7 +157,6 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
         except ImportError:
             raise UserError("model.load_in_4bit=true needs bitsandbytes: pip install 'posttrain[gpu]' "
                             "(it runs on CPU too), or set model.load_in_4bit=false")
-        from transformers import BitsAndBytesConfig
 
         compute = dtype if dtype != torch.float32 or device == "cpu" else torch.float32
         # under FSDP the 4-bit weights are stored as the model dtype so they can be sharded (docs/scale-out.md)
@@ -198,7 +195,6 @@ def load_starting_model(cfg: ModelConfig, lora: LoraConfig | None, init_adapter:
     and trains a new ``lora`` adapter on top."""
     if init_adapter is None:
         return load_model(cfg, lora, verbose=verbose)
-    from peft import PeftModel
 
     path = Path(init_adapter)
     if not (path / "adapter_config.json").is_file():
@@ -236,9 +232,7 @@ def cpu_has_native_bf16() -> bool:
 
 def autocast_to(device_type: str, dtype):
     """The autocast context of a resolved compute dtype (:func:`resolve_compute_dtype`); none when it is None."""
-    from contextlib import nullcontext
 
-    import torch
 
     return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -246,7 +240,6 @@ def autocast_to(device_type: str, dtype):
 def resolve_compute_dtype(name: str, model, cpu_auto: bool = True):
     """The autocast dtype of the decoder layers, or None (run in the weights' dtype). ``auto``: bfloat16 on CUDA
     with bf16 support, and on CPUs with native bf16 when ``cpu_auto`` (GRPO; SFT keeps float32 on CPU)."""
-    import torch
 
     weights = next(model.parameters()).dtype
     device = next(model.parameters()).device
@@ -264,7 +257,6 @@ def resolve_compute_dtype(name: str, model, cpu_auto: bool = True):
 def prepare_for_training(model, cfg: ModelConfig, lora: LoraConfig | None):
     model.config.use_cache = False
     if cfg.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
@@ -278,8 +270,6 @@ def prepare_for_training(model, cfg: ModelConfig, lora: LoraConfig | None):
 
 
 def apply_lora(model, lora: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     targets = lora.target_modules
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}

@@ -189,7 +189,8 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
         if epoch not in plans:
             plans = {epoch: plan_epoch(lengths, global_batch, t.seed, epoch, t.group_by_length)}
         step_examples = sorted((train_set[i] for i in plans[epoch][index]), key=lambda e: -len(e["input_ids"]))
-        batches = [collate(mb, pad_id, t.packing) for mb in micro_batches(step_examples, t.batch_size, run.rank, run.world)]
+        batches = [collate(mb, pad_id, t.packing)
+                   for mb in micro_batches(step_examples, t.batch_size, run.rank, run.world)]
         targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         counts = torch.tensor([targets, sum(b["real_tokens"] for b in batches),
                                sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64, device=device)
@@ -215,7 +216,8 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
 
         metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": lr, "epoch": step / steps_per_epoch,
                    "target_tokens": int(counts[0]), "tokens": int(counts[1]),
-                   "tokens_per_s": float(counts[1]) / dt, "padding_pct": 100 * (1 - float(counts[1]) / float(counts[2])),
+                   "tokens_per_s": float(counts[1]) / dt,
+                   "padding_pct": 100 * (1 - float(counts[1]) / float(counts[2])),
                    "step_time": dt, "peak_memory_mb": peak_memory_mb(device)}
         done = step + 1
         if val_set and t.eval_every and (done % t.eval_every == 0 or done == total_steps):

@@ -71,7 +71,7 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
     its own part. With dynamic sampling, groups whose rewards all agree are dropped and, for up to
     ``dynamic_sampling_rounds`` more rounds, more prompts are drawn until every process has ``per_proc``
     groups (all processes draw in every round, so the prompt stream stays in step)."""
-    g = cfg.grpo
+    grpo = cfg.grpo
     groups: list[Group] = []
     first: list[Group] | None = None
     counts = {"rollout_time": 0.0, "reward_time": 0.0, "gen_tokens": 0, "seen_tokens": 0, "dropped": 0}
@@ -83,16 +83,16 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
         if need > 0:
             batch = [prompts[i] for i, _ in draws]
             t0 = time.perf_counter()
-            ro = engine.generate([p.ids for p in batch], g.num_generations, sampling, seeds=[k for _, k in draws])
+            ro = engine.generate([p.ids for p in batch], grpo.num_generations, sampling, seeds=[k for _, k in draws])
             counts["rollout_time"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            new = score_groups(ro, batch, rewards, tok, step, g.mask_truncated_completions)
+            new = score_groups(ro, batch, rewards, tok, step, grpo.mask_truncated_completions)
             counts["reward_time"] += time.perf_counter() - t0
             counts["gen_tokens"] += ro.stats["tokens"]
-            counts["seen_tokens"] += ro.stats["tokens"] + sum(len(p.ids) for p in batch) * g.num_generations
+            counts["seen_tokens"] += ro.stats["tokens"] + sum(len(p.ids) for p in batch) * grpo.num_generations
         if first is None:
             first = list(new)
-        if g.dynamic_sampling:
+        if grpo.dynamic_sampling:
             kept = [x for x in new if not x.zero_std]
             counts["dropped"] += len(new) - len(kept)
             groups += kept[:max(need, 0)]
@@ -100,7 +100,7 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
             groups += new
         rounds += 1
         short = max(gather_all([per_proc - len(groups)], world))
-        if not g.dynamic_sampling or short <= 0 or rounds > g.dynamic_sampling_rounds:
+        if not grpo.dynamic_sampling or short <= 0 or rounds > grpo.dynamic_sampling_rounds:
             return StepRollouts(groups=groups, first=first, rounds=rounds, **counts)
 
 

@@ -14,6 +14,11 @@ rewards ``r_1..r_G`` (weighted sum of the reward functions; a completion every f
                                         dr_grpo: sum / (B * max_completion_length);  dapo: sum / tokens of the
                                         whole step (all micro-batches and processes)
               - entropy_coef * mean token entropy
+(all of it, for one micro-batch, in :func:`posttrain.grpo.losses.micro_batch_loss`, a pure function).
+
+The records a step passes between its stages are typed (:mod:`posttrain.grpo.data`, :mod:`posttrain.grpo.batch`);
+the weights that do not train compute through :func:`posttrain.fastpath.training`, which this module does not
+look into.
 
 Departures from the DeepSeekMath paper (GRPO), each TRL's choice too unless said otherwise:
 - The KL is added to the per-token loss (inside the aggregation), not as a separate penalty on the reward;
@@ -112,8 +117,8 @@ class PolicyLogps(torch.nn.Module):
 
 def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[dict] | None = None) -> Path:
     """Run GRPO as the recipe says; ``reward_funcs`` (callables) and ``rows`` replace the recipe's (tests)."""
-    g, t = cfg.grpo, cfg.train
-    run = TrainingSession(cfg, resume, "grpo", variable_micro_batches=g.dynamic_sampling)
+    grpo, opt = cfg.grpo, cfg.train
+    run = TrainingSession(cfg, resume, "grpo", variable_micro_batches=grpo.dynamic_sampling)
     per_proc = check_group_batch(cfg)  # prompts per process and step
     model, tok = run.load_model()
     prompts, pstats = prepare_prompts(cfg, tok, rows)
@@ -121,16 +126,17 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
     if run.is_main:
         print_prompt_stats(pstats, rewards.names)
     run.save_recipe()
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * max(1, len(prompts) // (per_proc * run.world)))
+    steps_per_epoch = max(1, len(prompts) // (per_proc * run.world))
+    total_steps = opt.max_steps if opt.max_steps > 0 else math.ceil(opt.epochs * steps_per_epoch)
     updater = PolicyUpdate(cfg, run, model, total_steps, pstats["max_completion_length"])
     engine = build_engine(cfg, run, model, tok, updater)
-    updater.cache = getattr(engine, "prepacked_cache", updater.cache)  # frozen weights packed once, for both
-    sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=max(g.top_k, 0), min_p=g.min_p,
-                              max_new_tokens=pstats["max_completion_length"],
-                              stop_token_ids=engine.default_stop_ids(), stop_strings=tuple(g.stop_strings),
-                              ignore_eos=g.ignore_eos, seed=t.seed)
+    updater.cache = getattr(engine, "prepacked_cache", updater.cache)  # frozen weights packed once for both
+    sampling = SamplingParams(temperature=grpo.temperature, top_p=grpo.top_p, top_k=max(grpo.top_k, 0),
+                              min_p=grpo.min_p, max_new_tokens=pstats["max_completion_length"],
+                              stop_token_ids=engine.default_stop_ids(), stop_strings=tuple(grpo.stop_strings),
+                              ignore_eos=grpo.ignore_eos, seed=opt.seed)
     state = run.begin(model, updater.optimizer, updater.scheduler, total_steps)
-    stream = PromptStream(len(prompts), t.seed, state.get("cursor", 0))
+    stream = PromptStream(len(prompts), opt.seed, state.get("cursor", 0))
     total_tokens, warned_at = state.get("num_tokens", 0), -10**9
 
     # ---- the loop: rollout -> rewards -> advantages -> loss -> step
@@ -138,13 +144,13 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
         t_step = time.perf_counter()
         rollouts = collect_rollouts(engine, stream, prompts, rewards, tok, sampling, cfg, step, per_proc, run.rank,
                                     run.world)
-        rollouts = rollouts.with_advantages(batch_advantages(rollouts, g, run.rank, run.world))
+        rollouts = rollouts.with_advantages(batch_advantages(rollouts, grpo, run.rank, run.world))
         first_rewards = gather_all([grp.rewards for grp in rollouts.first], run.world)
-        frac_zero = frac_zero_std(first_rewards, g.num_generations)
-        if run.is_main and frac_zero > g.zero_std_warning and step - warned_at >= 10:
+        frac_zero = frac_zero_std(first_rewards, grpo.num_generations)
+        if run.is_main and frac_zero > grpo.zero_std_warning and step - warned_at >= 10:
             warned_at = step
-            warn_zero_std(step, frac_zero, g)
-        batches, dummy = micro_batches(rollouts, t.batch_size, engine.pad_id, run.device, updater.share_prompts)
+            warn_zero_std(step, frac_zero, grpo)
+        batches, dummy = micro_batches(rollouts, opt.batch_size, engine.pad_id, run.device, updater.share_prompts)
         t_train = time.perf_counter()
         stats = updater.step(batches, dummy, step)
         t_train = time.perf_counter() - t_train
@@ -160,11 +166,11 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
                    "reward_time": rollouts.reward_time, "train_time": t_train,
                    "tokens_per_s": sums[2] / run.world / max(rollouts.rollout_time, 1e-9),
                    "num_tokens": total_tokens, "peak_memory_mb": peak_memory_mb(run.device)}
-        if g.dynamic_sampling:
+        if grpo.dynamic_sampling:
             metrics.update({"dynamic_sampling/dropped_groups": rollouts.dropped,
                             "dynamic_sampling/rounds": rollouts.rounds})
-        if run.is_main and g.log_completions_every and (done % g.log_completions_every == 0 or done == 1):
-            log_completions(run.run_dir, done, rollouts.first, rewards.names, g.num_completions_to_print)
+        if run.is_main and grpo.log_completions_every and (done % grpo.log_completions_every == 0 or done == 1):
+            log_completions(run.run_dir, done, rollouts.first, rewards.names, grpo.num_completions_to_print)
         run.end_step(done, metrics, model, updater.optimizer, updater.scheduler,
                      {"cursor": stream.cursor, "num_tokens": total_tokens})
     return run.finish(updater.policy, model, tok, updater.is_peft)
@@ -180,13 +186,13 @@ def print_prompt_stats(pstats: dict, reward_names: list[str]) -> None:
 def build_engine(cfg: GRPORecipe, run: TrainingSession, model, tok, updater: PolicyUpdate):
     """The rollout engine: vLLM (colocated or a server), or posttrain's transformers engine (whole weights
     gathered for decoding under FSDP2 / ZeRO-3)."""
-    g = cfg.grpo
-    if g.rollout_backend == "vllm":
+    grpo = cfg.grpo
+    if grpo.rollout_backend == "vllm":
         from posttrain.rollout.vllm import build_training_engine  # an optional extra
 
         return build_training_engine(cfg, model, tok, run.accelerator, run.run_dir,
-                                     g.vllm.max_model_len or cfg.data.max_length, prepared=updater.policy)
-    engine = HFRolloutEngine(model, tok, merge=g.merge_lora, max_rows=g.rollout_max_rows,
+                                     grpo.vllm.max_model_len or cfg.data.max_length, prepared=updater.policy)
+    engine = HFRolloutEngine(model, tok, merge=grpo.merge_lora, max_rows=grpo.rollout_max_rows,
                              compute_dtype=updater.compute)
     return GatheredRollouts(engine, updater.policy) if sharded_optimizer(model) else engine
 
@@ -199,26 +205,26 @@ class PolicyUpdate:
     optimizer updates on one batch of rollouts (:meth:`step`)."""
 
     def __init__(self, cfg: GRPORecipe, run: TrainingSession, model, total_steps: int, max_completion: int):
-        g, t = cfg.grpo, cfg.train
+        grpo, opt = cfg.grpo, cfg.train
         self.cfg, self.run, self.model = cfg, run, model
         self.is_peft = hasattr(model, "disable_adapter")
         self.ref_model = None
-        if g.beta != 0 and not self.is_peft:  # full fine-tuning: a frozen copy is the reference
+        if grpo.beta != 0 and not self.is_peft:  # full fine-tuning: a frozen copy is the reference
             self.ref_model, _ = load_model(cfg.model, None, for_training=False, verbose=False)
-        self.compute = resolve_compute_dtype(g.compute_dtype, model)
+        self.compute = resolve_compute_dtype(grpo.compute_dtype, model)
         if run.is_main:
             print(f"[posttrain] compute: decoder layers in {str(self.compute or next(model.parameters()).dtype)[6:]}, "
                   f"head and log-softmax in {str(decoder_and_head(model)[1].weight.dtype)[6:]}")
-        optimizer = build_optimizer(model, t)
-        scheduler = build_scheduler(optimizer, t, total_steps * g.num_iterations)
+        optimizer = build_optimizer(model, opt)
+        scheduler = build_scheduler(optimizer, opt, total_steps * grpo.num_iterations)
         self.policy, self.optimizer, self.scheduler = run.prepare(
-            PolicyLogps(model, g.temperature, t.loss_chunk_size, self.compute), optimizer, scheduler)
+            PolicyLogps(model, grpo.temperature, opt.loss_chunk_size, self.compute), optimizer, scheduler)
         self.cache: dict = {}  # weights the fast path prepacked, reused while unchanged
         self.ref_cache: dict = {}
-        self.share_prompts = g.share_prompt and not cfg.model.gradient_checkpointing  # checkpointing drops the cache
-        self.objective = Objective(loss_type=g.loss_type, beta=g.beta, epsilon_low=g.epsilon,
-                                   epsilon_high=g.epsilon_high, entropy_coef=g.entropy_coef,
-                                   importance_sampling_cap=g.importance_sampling_cap,
+        self.share_prompts = grpo.share_prompt and not cfg.model.gradient_checkpointing  # checkpointing drops the cache
+        self.objective = Objective(loss_type=grpo.loss_type, beta=grpo.beta, epsilon_low=grpo.epsilon,
+                                   epsilon_high=grpo.epsilon_high, entropy_coef=grpo.entropy_coef,
+                                   importance_sampling_cap=grpo.importance_sampling_cap,
                                    max_completion_length=max_completion)
 
     def step(self, batches: list[MicroBatch], dummy: bool, step: int) -> dict:
@@ -230,22 +236,22 @@ class PolicyUpdate:
                 **reduce_policy_stats(stats, self.cfg.grpo, self.run.accelerator, self.run.world)}
 
     def _updates(self, batches: list[MicroBatch], head: Head, dummy: bool, step: int) -> tuple[dict, float, float]:
-        g, acc, world = self.cfg.grpo, self.run.accelerator, self.run.world
+        grpo, acc, world = self.cfg.grpo, self.run.accelerator, self.run.world
         count = torch.tensor([sum(float(b.mask.sum()) for b in batches)], dtype=torch.float64, device=self.run.device)
         if world > 1:
             count = acc.reduce(count, reduction="sum")
         num_items = max(float(count[0]), 1.0) / world  # dapo: tokens of the whole step; DDP averages over processes
         ref = [None] * len(batches)
-        if g.beta != 0:
+        if grpo.beta != 0:
             with torch.no_grad():
                 ref = [self._reference_logps(b, head) for b in batches]
         old = [None] * len(batches)
         stats = {"kl": [], "entropy": [], "clip": [], "loss": 0.0}
-        for _ in range(g.num_iterations):
+        for _ in range(grpo.num_iterations):
             loss_sum = 0.0
             for j, b in enumerate(batches):
                 with accumulation(acc, self.policy, j == len(batches) - 1):
-                    flat_lp, flat_ent = self.policy(b, head, entropy_grad=g.entropy_coef > 0)
+                    flat_lp, flat_ent = self.policy(b, head, entropy_grad=grpo.entropy_coef > 0)
                     logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
                     if old[j] is None:  # first iteration: the policy that sampled (see the module docstring)
                         old[j] = logps.detach()
@@ -266,7 +272,7 @@ class PolicyUpdate:
                 raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged. Lower train.lr "
                                 f"(now {self.cfg.train.lr}), check the rewards, or resume from the last checkpoint")
             grad_norm, lr = finish_step(acc, self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
-            stats["loss"] += loss_sum / g.num_iterations
+            stats["loss"] += loss_sum / grpo.num_iterations
         return stats, grad_norm, lr
 
     @torch.no_grad()
@@ -286,7 +292,7 @@ class PolicyUpdate:
 # ---------------------------------------------------------------------------------------------- step pieces
 
 
-def batch_advantages(rollouts: StepRollouts, g, rank: int, world: int) -> list[float]:
+def batch_advantages(rollouts: StepRollouts, grpo, rank: int, world: int) -> list[float]:
     """Advantages of this process's training samples, computed over every process's rewards
     (scale_rewards=batch needs the std of the whole batch)."""
     local = [s.reward for s in rollouts.samples()]
@@ -295,7 +301,7 @@ def batch_advantages(rollouts: StepRollouts, g, rank: int, world: int) -> list[f
     if not flat.numel():
         return []
     offset = sum(len(part) for part in everyone[:rank])
-    advantages, _ = group_advantages(flat, g.num_generations, g.scale_rewards)
+    advantages, _ = group_advantages(flat, grpo.num_generations, grpo.scale_rewards)
     return advantages[offset:offset + len(local)].float().tolist()
 
 
@@ -307,8 +313,8 @@ def frac_zero_std(group_rewards: list[list[float]], num_generations: int) -> flo
     return float(zero_std_groups(flat, num_generations).float().mean())
 
 
-def warn_zero_std(step: int, frac: float, g) -> None:
-    what = ("the policy loss and its gradient are zero" if frac == 1.0 and g.beta == 0 and not g.dynamic_sampling
+def warn_zero_std(step: int, frac: float, grpo) -> None:
+    what = ("the policy loss and its gradient are zero" if frac == 1.0 and grpo.beta == 0 and not grpo.dynamic_sampling
             else "they carry no learning signal")
     warnings.warn(f"step {step + 1}: {frac:.0%} of the groups got rewards that all agree "
                   f"(frac_reward_zero_std={frac:.2f}); {what}. Try grpo.dynamic_sampling=true, a larger "
@@ -341,7 +347,7 @@ def step_reward_metrics(rollouts: StepRollouts, world: int, frac_zero: float) ->
     return out
 
 
-def reduce_policy_stats(stats: dict, g, accelerator, world: int) -> dict:
+def reduce_policy_stats(stats: dict, grpo, accelerator, world: int) -> dict:
     """Entropy, KL and clip fractions over every process's tokens of the step."""
     def total(pairs):
         s = torch.tensor([sum(p[0] for p in pairs), sum(p[1] for p in pairs)], dtype=torch.float64,
@@ -351,7 +357,7 @@ def reduce_policy_stats(stats: dict, g, accelerator, world: int) -> dict:
         return float(s[0] / s[1].clamp(min=1))
 
     out = {"entropy": total(stats["entropy"])}
-    if g.beta != 0:
+    if grpo.beta != 0:
         out["kl"] = total(stats["kl"])
     if stats["clip"]:
         width = max(c[0].shape[1] for c in stats["clip"])
@@ -359,6 +365,6 @@ def reduce_policy_stats(stats: dict, g, accelerator, world: int) -> dict:
         ratio = torch.cat([pad(c[0]) for c in stats["clip"]])
         advantages = torch.cat([c[1] for c in stats["clip"]])
         mask = torch.cat([pad(c[2]) for c in stats["clip"]])
-        fr = clip_fractions(ratio, advantages, mask, g.epsilon, g.epsilon_high)
+        fr = clip_fractions(ratio, advantages, mask, grpo.epsilon, grpo.epsilon_high)
         out.update({k: float(v) for k, v in fr.items()})
     return out

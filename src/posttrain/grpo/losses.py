@@ -1,5 +1,6 @@
-"""Pure tensor math for GRPO: token log-probabilities, group advantages, the clipped surrogate, the k3 KL
-estimator, loss aggregation, dynamic-sampling filters and masked statistics.
+"""Pure tensor math for GRPO: group advantages, the clipped surrogate, the k3 KL estimator, loss aggregation,
+the whole objective of a micro-batch (:func:`micro_batch_loss`), dynamic-sampling filters and masked statistics.
+Token log-probabilities come from the shared chunked head (:func:`posttrain.losses.selective_log_softmax`).
 
 Every function here takes tensors and returns tensors; nothing touches a model, a process group or a
 config. ``tests/unit/test_grpo_losses.py`` checks each one by hand, against a plain per-sample loop, and
