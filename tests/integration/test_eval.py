@@ -28,11 +28,11 @@ def _rows(path):
 
 
 def test_end_to_end_outputs_are_consistent(tiny, tmp_path):
-    from posttrain.evaluation import EvalSettings, evaluate, load_benchmark
+    from posttrain.evaluation import EvalConfig, evaluate, load_benchmark
 
     model, tok = tiny
     bench = load_benchmark("synthetic", limit=4)
-    m = evaluate(model, tok, bench, EvalSettings(max_new_tokens=8, batch_size=4), out_dir=tmp_path, progress=False)
+    m = evaluate(model, tok, bench, EvalConfig(max_new_tokens=8, batch_size=4), out_dir=tmp_path, progress=False)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["accuracy"] == m["accuracy"]
     for key in ("accuracy", "ci95", "format_rate", "truncation_rate", "n", "mean_completion_tokens", "pass_at_k"):
@@ -55,11 +55,11 @@ def test_end_to_end_outputs_are_consistent(tiny, tmp_path):
 
 def test_interrupted_run_resumes_without_redoing_samples(tiny, tmp_path, monkeypatch):
     import posttrain.evaluation.runner as runner
-    from posttrain.evaluation import EvalSettings, evaluate, load_benchmark
+    from posttrain.evaluation import EvalConfig, evaluate, load_benchmark
 
     model, tok = tiny
     bench = load_benchmark("synthetic", limit=4)
-    settings = EvalSettings(prompt_style="reasoning", max_new_tokens=6, batch_size=2)
+    settings = EvalConfig(prompt="reasoning", max_new_tokens=6, batch_size=2)
     real = runner.generate
     calls = []
 
@@ -88,7 +88,7 @@ def test_interrupted_run_resumes_without_redoing_samples(tiny, tmp_path, monkeyp
     assert kept == sorted(first, key=lambda r: r["id"])           # finished samples kept as they were
 
     with pytest.raises(UserError, match="other settings.*max_new_tokens"):
-        evaluate(model, tok, bench, EvalSettings(prompt_style="reasoning", max_new_tokens=7), out_dir=tmp_path,
+        evaluate(model, tok, bench, EvalConfig(prompt="reasoning", max_new_tokens=7), out_dir=tmp_path,
                  progress=False)
 
 
@@ -96,9 +96,10 @@ def test_unclosed_answer_is_a_format_failure_not_a_crash():
     from posttrain.evaluation.generation import Completion
     from posttrain.evaluation.metrics import summarize
     from posttrain.evaluation.prompts import get_style
-    from posttrain.evaluation.runner import EvalSettings, _score
+    from posttrain.evaluation import EvalConfig
+    from posttrain.evaluation.runner import _score
     from posttrain.evaluation.benchmarks import Problem
-    from posttrain.rewards import VerifierPool
+    from posttrain.verify import VerifierPool
 
     p = Problem("p1", "What is 40 + 2?", "42")
     cases = [
@@ -112,7 +113,7 @@ def test_unclosed_answer_is_a_format_failure_not_a_crash():
     with VerifierPool(workers=1) as pool:
         rows = []
         for i, (style, text, finish) in enumerate(cases):
-            s = EvalSettings(prompt_style=style)
+            s = EvalConfig(prompt=style)
             row = _score(pool, get_style(style), s, [(p, 0, "prompt", Completion(text, 10, finish))])[0]
             row["id"] = f"case{i}"
             rows.append(row)
@@ -123,7 +124,7 @@ def test_unclosed_answer_is_a_format_failure_not_a_crash():
     m = summarize(rows)
     assert m["format_rate"] == pytest.approx(3 / 6) and m["truncation_rate"] == pytest.approx(2 / 6)
     with VerifierPool(workers=1) as pool:     # --last-number scores it but it stays a format failure
-        row = _score(pool, get_style("chat"), EvalSettings(prompt_style="chat", last_number=True),
+        row = _score(pool, get_style("chat"), EvalConfig(prompt="chat", last_number=True),
                      [(p, 0, "prompt", Completion("I think it is 42", 10, "eos"))])[0]
     assert row["verdict"] is True and row["format_ok"] is False
 
@@ -181,9 +182,10 @@ def test_cli_compares_models_in_one_table(tiny_dir, tmp_path, capsys):
 def test_adapter_is_merged_and_its_tokenizer_used(tiny, tiny_dir, tmp_path):
     import torch
 
-    from posttrain.commands.eval_cmd import _pairs, load_for_eval
+    from posttrain.commands.eval_cmd import _pairs
     from posttrain.config import LoraConfig, ModelConfig
     from posttrain.models import load_model
+    from posttrain.runs import load_merged
 
     model, tok = load_model(ModelConfig(name=str(tiny_dir)), LoraConfig(r=4, target_modules=["q_proj"]),
                             verbose=False)
@@ -197,13 +199,13 @@ def test_adapter_is_merged_and_its_tokenizer_used(tiny, tiny_dir, tmp_path):
     tok.save_pretrained(run / "adapter")
 
     base, _ = tiny
-    merged, mtok = load_for_eval(str(tiny_dir), str(run))          # a run directory holding adapter/
+    merged, mtok = load_merged(str(tiny_dir), str(run))          # a run directory holding adapter/
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(base.state_dict()[q], merged.state_dict()[q])
     assert "lora" not in " ".join(merged.state_dict())             # merged, plain weights
     assert mtok.chat_template == "{{ 'ADAPTER TEMPLATE' }}"
     with pytest.raises(UserError, match="adapter_config.json"):
-        load_for_eval(str(tiny_dir), str(tmp_path))
+        load_merged(str(tiny_dir), str(tmp_path))
 
     args = type("A", (), {"model": ["m"], "adapter": ["a1", "none"]})()
     assert _pairs(args) == [("m", "a1"), ("m", None)]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from posttrain import recipes
 from posttrain.errors import UserError
 from posttrain.pipeline import load_pipeline, run_pipeline
 
@@ -140,7 +141,11 @@ def test_bad_pipeline_files_name_the_problem(tmp_path):
     with pytest.raises(UserError, match=r"stages\[0\] \(sft\): recipe file missing/sft.yaml not found"):
         load_pipeline(p)
     p.write_text("stages:\n  - {name: eval, benchmark: synthetic, limt: 3}\n")
-    with pytest.raises(UserError, match=r"unknown key\(s\) \['limt'\] for a eval stage"):
+    with pytest.raises(UserError, match=r"p.yaml: stages\[0\] \(eval, an eval stage\): unknown key 'limt'; "
+                                        r"valid keys here: .*\blimit\b"):
+        load_pipeline(p)
+    p.write_text("stages:\n  - {name: export, format: zip}\n")
+    with pytest.raises(UserError, match=r"stages\[0\] \(export, an export stage\): format: .*'merged'.*\(got 'zip'\)"):
         load_pipeline(p)
     p.write_text("stages:\n  - {name: export, format: merged}\n")
     with pytest.raises(UserError, match="before any sft/grpo stage"):
@@ -149,11 +154,11 @@ def test_bad_pipeline_files_name_the_problem(tmp_path):
         load_pipeline(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "recipes" / "pipelines").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((recipes.ROOT / "pipelines").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_pipelines_load(path):
     pipe = load_pipeline(path)
-    assert pipe.stages and all(Path(s.spec["recipe"]).is_file() for s in pipe.stages if s.command in ("sft", "grpo"))
+    assert pipe.stages and all(Path(s.config.recipe).is_file() for s in pipe.stages if s.command in ("sft", "grpo"))
 
 
 def test_ctrl_c_in_a_stage_then_rerun_continues(tiny_qwen3, tmp_path):

@@ -42,22 +42,24 @@ def test_fsdp2_two_cpu_processes_equal_one_unsharded(tiny_qwen3, tmp_path):
     assert [len(r[0]) for r in a["tokens"]] == [6, 9]
     wa, wb = load_file(str(tmp_path / "fsdp.safetensors")), load_file(str(tmp_path / "plain.safetensors"))
     assert wa.keys() == wb.keys() and all("lora_" in k for k in wa)
-    for k in wa:  # whole tensors, not shards, equal to the unsharded run's after two Adam steps
+    for k in wa:  # whole tensors, not shards, equal to the unsharded run's after two Adam steps (float32 sums in
+        # another order on two ranks of two rows than on one of four: measured up to 1.8e-6 after lr 1e-2 Adam)
         assert wa[k].shape == wb[k].shape
-        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=5e-6, msg=k)
 
 
 def test_fsdp_accelerate_config_on_cpu_is_refused(tiny_qwen3, tmp_path):
     """accelerate would run DDP under an FSDP config on CPU; posttrain says so and stops."""
     cfg = tmp_path / "fsdp_cpu.yaml"
-    text = (REPO / "recipes/accelerate/fsdp2_8gpu.yaml").read_text().replace("num_processes: 8", "num_processes: 2")
+    shipped = REPO / "src/posttrain/recipes/accelerate/fsdp2_8gpu.yaml"
+    text = shipped.read_text().replace("num_processes: 8", "num_processes: 2")
     cfg.write_text(text)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
                                                      {"role": "assistant", "content": str(i + 1)}]}) + "\n"
                             for i in range(8)))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port", "29618",
-           "-m", "posttrain.cli", "sft", str(REPO / "recipes/tiny/sft.yaml"), f"model.name={tiny_qwen3}",
+           "-m", "posttrain.cli", "sft", "tiny/sft", f"model.name={tiny_qwen3}",
            f"data.path={data}", "data.format=auto", "data.template=chatml", "data.val_size=0", "data.columns=null",
            f"output_dir={tmp_path / 'run'}", "train.max_steps=1"]
     res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,

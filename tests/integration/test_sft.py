@@ -122,7 +122,6 @@ def test_qlora_4bit_trains_only_the_adapter(tiny_qwen3, data_file, tmp_path):
     model, _ = load_model(cfg.model, cfg.lora, verbose=False)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
-    import posttrain.sft as sft
 
     train(cfg)
     saved = adapter(tmp_path / "q")
@@ -194,7 +193,7 @@ def test_bad_inputs_are_clear_errors(tiny_qwen3, data_file, tmp_path):
 def test_4bit_without_bitsandbytes_names_the_fix(tiny_qwen3, data_file, tmp_path):
     code = ("import sys; sys.modules['bitsandbytes'] = None\n"
             "from posttrain.cli import main\n"
-            f"sys.exit(main(['sft', '{REPO / 'recipes/tiny/sft.yaml'}', 'model.name={tiny_qwen3}', "
+            f"sys.exit(main(['sft', 'tiny/sft', 'model.name={tiny_qwen3}', "
             f"'model.load_in_4bit=true', 'output_dir={tmp_path / 'x'}']))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2

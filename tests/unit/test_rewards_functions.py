@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from posttrain.rewards import Verdict, generation_suffix, get_reward_funcs
-from posttrain.verify.pool import default_pool
+from posttrain.rewards import generation_suffix, get_reward_funcs
 from posttrain.rewards.functions import BoxedFormat, MathAccuracy, SoftOverlong, ThinkFormat
 from posttrain.rewards.unsloth import AnswerTiers, FormatApprox, FormatExact, NumberMatch
+from posttrain.verify import Verdict, default_pool
 
 RS, RE, SS, SE = "<start_working_out>", "<end_working_out>", "<SOLUTION>", "</SOLUTION>"
 SYSTEM = ("You are given a problem.\nThink about the problem and provide your working out.\n"

@@ -4,8 +4,7 @@ import time
 
 import pytest
 
-from posttrain.rewards import Verdict, verify
-from posttrain.verify.pool import default_pool
+from posttrain.verify import Verdict, default_pool, verify
 from tests.unit.verify_cases import CASES
 
 TIMEOUT_S = 10.0  # generous: sympy cases take < 0.3 s here, but the 2-core test box is shared and loaded

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from posttrain.rewards import extract_answer
+from posttrain.verify import extract_answer
 from posttrain.verify.extract import find_boxes
 
 

@@ -5,7 +5,13 @@ import time
 
 import pytest
 
-from posttrain.rewards import VerifierPool, verify
+from posttrain.verify import VerifierPool, verify
+from posttrain.verify.verifier import verify_fast
+
+# A real answer that hangs sympy: comparing two towers of e evaluates both at sample points, and mpmath then
+# computes e to millions of digits (measured: still running after 90 s). Our grammar parses it, so it reaches
+# the worker. If the verifier ever decides this pair quickly, pick another input that defeats it.
+STUCK = (r"e^{e^{e^{e^{x}}}}", r"e^{e^{e^{e^{x+1}}}}")
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +31,14 @@ def test_symbolic_pairs_go_to_workers_in_order(pool):
 
 
 def test_stuck_worker_is_killed_replaced_and_counted(pool):
+    assert verify_fast(*STUCK) is None  # it needs a worker
     before = dict(pool.stats)
     t = time.perf_counter()
-    out = pool.run([("sleep", (30,)), ("sleep", (0.01,))], timeout=0.5)
+    out = pool.verify_many([STUCK, (r"\sin^2 x + \cos^2 x", "1")], timeout=0.5)
     elapsed = time.perf_counter() - t
     assert out[0].equal is False and out[0].reason == "timeout"
-    assert out[1].reason == "slept"
+    assert out[0].pred_normalized == STUCK[0]
+    assert out[1].equal and out[1].reason != "timeout"
     assert elapsed < 5
     assert pool.stats["timeouts"] == before["timeouts"] + 1
     assert pool.stats["restarts"] == before["restarts"] + 1
@@ -40,7 +48,7 @@ def test_stuck_worker_is_killed_replaced_and_counted(pool):
 
 def test_many_timeouts_in_one_batch_do_not_stall(pool):
     t = time.perf_counter()
-    out = pool.run([("sleep", (30,))] * 4, timeout=0.3)
+    out = pool.verify_many([STUCK] * 4, timeout=0.3)
     assert [v.reason for v in out] == ["timeout"] * 4
     assert time.perf_counter() - t < 10
     assert pool.verify(r"\sin\frac{\pi}{2}", "1").equal

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posttrain.rewards import verify
-from posttrain.verify.pool import default_pool
+from posttrain.verify import default_pool, verify
 
 CAP_S = 2.0 + 1.5
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

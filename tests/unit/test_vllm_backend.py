@@ -13,8 +13,7 @@ import torch
 from posttrain.config import ConfigError, load_recipe
 from posttrain.errors import UserError
 from posttrain.grpo.config import GRPORecipe, VLLMConfig
-from posttrain.rollout import SamplingParams
-from posttrain.rollout.hf import _mix
+from posttrain.rollout import SamplingParams, completion_seed
 from posttrain.rollout.vllm import (build_rollouts, completion_request, completion_seeds, llm_kwargs,
                                     merged_named_weights, parse_completion_choice, sampling_kwargs, vllm_weight_name)
 
@@ -44,7 +43,10 @@ def test_filters_off_and_no_logprobs():
 
 def test_completion_seeds_are_the_transformers_backends_keys():
     seeds = completion_seeds(7, [3, 5], 2)
-    assert seeds == [_mix(7, 3, 0), _mix(7, 3, 1), _mix(7, 5, 0), _mix(7, 5, 1)]
+    assert seeds == [completion_seed(7, 3, 0), completion_seed(7, 3, 1), completion_seed(7, 5, 0),
+                     completion_seed(7, 5, 1)]
+    # pinned: a changed mix would silently change every sampled completion of a resumed or repeated run
+    assert completion_seed(7, 3, 0) == 8421308723474898258 and completion_seed(1, -1, 5) == 5789121629230313503
     assert len(set(seeds)) == 4
     # a prompt's completions do not depend on which other prompts share the batch
     assert completion_seeds(7, [5], 2) == seeds[2:]

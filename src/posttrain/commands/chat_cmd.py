@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
                               description="Interactive, streaming chat with a trained model.", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="run dir, adapter dir, model dir, hub id, .gguf or alias")
-    p.add_argument("--adapter", help="PEFT adapter directory to put on MODEL")
+    p.add_argument("--adapter", help="PEFT adapter directory (or a run directory with adapter/) to put on MODEL")
     add_sampling_args(p)
     p.set_defaults(func=run)
 

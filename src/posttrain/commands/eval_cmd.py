@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import get_args
+
+from posttrain.config import EvalConfig, validate
 
 EPILOG = """\
 benchmarks: gsm8k math500 aime24 aime25 amc23 minerva dapo synthetic, or a path to a .jsonl/.json/.parquet file
@@ -43,29 +46,26 @@ def add_parser(sub) -> None:
     g.add_argument("--label", action="append", metavar="NAME", help="names for the table, one per evaluated model")
     g.add_argument("--benchmark", action="append", required=True, metavar="NAME|FILE",
                    help="benchmark name or file; repeat for several")
-    g.add_argument("--data-file", metavar="FILE", help="local copy of the (single) named benchmark")
-    g.add_argument("--benchmark-dir", metavar="DIR", help="directory with local copies named NAME.jsonl")
-    g.add_argument("--limit", type=int, metavar="N", help="evaluate the first N problems (a random N with --limit-seed)")
-    g.add_argument("--limit-seed", type=int, metavar="S", help="take a seeded random subset of --limit problems")
-    g.add_argument("--difficulty", default="easy", help="synthetic benchmark level: easy, medium, hard, mixed")
+    _setting(g, "--data-file", metavar="FILE")
+    _setting(g, "--benchmark-dir", metavar="DIR")
+    _setting(g, "--limit", type=int, metavar="N")
+    _setting(g, "--limit-seed", type=int, metavar="S")
+    _setting(g, "--difficulty")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/eval/<model>/<benchmark>)")
 
     g = p.add_argument_group("prompting and decoding")
-    g.add_argument("--prompt", default="boxed", choices=["boxed", "reasoning", "chat"], help="prompt style")
-    g.add_argument("--template", choices=["tokenizer", "chatml", "qwen3", "reasoning"],
-                   help="chat template (default: reasoning for --prompt reasoning, else the model's own)")
-    g.add_argument("--system-prompt", help="system prompt (for reasoning: replaces the seeds' one)")
-    g.add_argument("--max-new-tokens", type=int, default=1024, help="completion budget (default 1024)")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default 16)")
-    g.add_argument("--samples", type=int, default=1, help="completions per problem (default 1: greedy)")
-    g.add_argument("--k", type=int, nargs="+", help="k for pass@k and maj@k (default 1, 2, 4, ... up to --samples)")
-    g.add_argument("--temperature", type=float,
-                   help="sampling temperature (default 0 = greedy for one sample, 0.6 for several)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling (default 1.0, or 0.95 for several samples)")
-    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--last-number", action="store_true",
-                   help="score the last number when the answer is missing (still counted as a format failure)")
+    _setting(g, "--prompt", choices=_choices("prompt"))
+    _setting(g, "--template", choices=_choices("template"))
+    _setting(g, "--system-prompt")
+    _setting(g, "--max-new-tokens", type=int)
+    _setting(g, "--batch-size", type=int)
+    _setting(g, "--samples", type=int)
+    _setting(g, "--k", type=int, nargs="+")
+    _setting(g, "--temperature", type=float)
+    _setting(g, "--top-p", type=float)
+    _setting(g, "--top-k", type=int)
+    _setting(g, "--seed", type=int)
+    _setting(g, "--last-number", action="store_true")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
@@ -74,6 +74,29 @@ def add_parser(sub) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm: its share of GPU memory")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def _setting(group, flag: str, **kwargs) -> None:
+    """An option for the ``EvalConfig`` key of the same name. Its default and its help are that key's: an option
+    left out is absent from the namespace, so ``EvalConfig`` alone decides the defaults."""
+    key = flag.removeprefix("--").replace("-", "_")
+    text = EvalConfig.model_fields[key].description.replace("%", "%%")
+    default = EvalConfig.model_fields[key].default
+    if default is not None and not isinstance(default, bool):
+        text += f" (default {default})"
+    group.add_argument(flag, default=argparse.SUPPRESS, help=text, **kwargs)
+
+
+def _choices(key: str) -> list[str]:
+    """The values a ``Literal`` key of ``EvalConfig`` allows (without ``None``)."""
+    ann = EvalConfig.model_fields[key].annotation
+    literal = next(a for a in (ann, *get_args(ann)) if get_args(a) and all(isinstance(v, str) for v in get_args(a)))
+    return list(get_args(literal))
+
+
+def settings_from(args) -> EvalConfig:
+    """The ``EvalConfig`` of the options given; the ones left out take its defaults."""
+    return validate(EvalConfig, {k: v for k, v in vars(args).items() if k in EvalConfig.model_fields}, "the options")
 
 
 def _pairs(args) -> list[tuple[str, str | None]]:
@@ -104,41 +127,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "model"
 
 
-def resolve_adapter(path: str) -> Path:
-    from posttrain.errors import UserError
-
-    p = Path(path)
-    for cand in (p, p / "adapter"):
-        if (cand / "adapter_config.json").is_file():
-            return cand
-    raise UserError(f"--adapter {path}: no adapter_config.json there or in {p / 'adapter'}; give the adapter "
-                    "directory saved by posttrain sft/grpo (a full fine-tune is a --model instead)")
-
-
-def load_for_eval(model_name: str, adapter: str | None, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) ready for generation; a LoRA adapter is merged, and its saved tokenizer (with the
-    chat template training used) replaces the base one."""
-    from posttrain.config import ModelConfig
-    from posttrain.models import load_model, load_tokenizer
-
-    model, tok = load_model(ModelConfig(name=model_name, device=device, dtype=dtype), None, for_training=False)
-    if adapter:
-        from peft import PeftModel
-
-        path = resolve_adapter(adapter)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        model.eval()
-        if (path / "tokenizer_config.json").is_file():
-            tok = load_tokenizer(str(path))
-    return model, tok
-
-
 def run(args) -> int:
     import gc
     import json
 
+    from posttrain import runs
     from posttrain.errors import UserError
-    from posttrain.evaluation import EvalSettings, evaluate, load_benchmark
+    from posttrain.evaluation import evaluate, load_benchmark
     from posttrain.evaluation.report import comparison_table, group_table, metrics_line
 
     pairs = _pairs(args)
@@ -147,19 +142,10 @@ def run(args) -> int:
         raise UserError(f"{len(labels)} --label for {len(pairs)} evaluated models")
     if len(set(labels)) != len(labels):
         raise UserError(f"evaluated models need distinct names, got {labels}: pass --label for each")
-    if args.data_file and len(args.benchmark) > 1:
+    settings = settings_from(args)
+    if settings.data_file and len(args.benchmark) > 1:
         raise UserError("--data-file is the local copy of one benchmark; with several use --benchmark-dir")
-    n = args.samples
-    temperature = args.temperature if args.temperature is not None else (0.0 if n == 1 else 0.6)
-    top_p = args.top_p if args.top_p is not None else (1.0 if n == 1 else 0.95)
-    ks = tuple(args.k) if args.k else tuple(sorted({*(2 ** i for i in range(n.bit_length()) if 2 ** i <= n), n}))
-    settings = EvalSettings(prompt_style=args.prompt, template=args.template, system_prompt=args.system_prompt,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, n_samples=n,
-                            temperature=temperature, top_p=top_p, top_k=args.top_k, ks=ks, seed=args.seed,
-                            last_number=args.last_number)
-    settings.check()
-    benches = [load_benchmark(b, data_file=args.data_file, benchmark_dir=args.benchmark_dir, limit=args.limit,
-                              limit_seed=args.limit_seed, difficulty=args.difficulty) for b in args.benchmark]
+    benches = [load_benchmark(b, **settings.benchmark_options()) for b in args.benchmark]
     single = len(pairs) == 1 and len(benches) == 1
     root = Path(args.out) if args.out else Path("runs/eval")
 
@@ -169,16 +155,16 @@ def run(args) -> int:
         if getattr(args, "backend", "hf") == "vllm":
             from posttrain.config import ModelConfig
             from posttrain.models import load_tokenizer, resolve_source
-            from posttrain.rollout.vllm import VLLMEvalGenerator
+            from posttrain.evaluation.generation import VLLMEvalGenerator
 
             source, _ = resolve_source(ModelConfig(name=model_name))
-            path = resolve_adapter(adapter) if adapter else None
+            path = runs.find_adapter(adapter) if adapter else None
             model = VLLMEvalGenerator(source, str(path) if path else None, dtype=args.dtype,
                                       gpu_memory_utilization=args.gpu_memory_utilization)
-            tok = load_tokenizer(str(path) if path and (path / "tokenizer_config.json").is_file() else source)
+            tok = load_tokenizer(str(path) if path and runs.has_tokenizer(path) else source)
             generate_fn = model.generate
         else:
-            model, tok = load_for_eval(model_name, adapter, args.device, args.dtype)
+            model, tok = runs.load_merged(model_name, adapter, args.device, args.dtype)
         model_id = model_name + (f" + {adapter}" if adapter else "")
         for bench in benches:
             out = root if single and args.out else root / _slug(label) / bench.name

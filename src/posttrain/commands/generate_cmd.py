@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
                               description="Batched, resumable generation from a JSONL file.", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="run dir, adapter dir, model dir, hub id, .gguf or alias")
-    p.add_argument("--adapter", help="PEFT adapter directory to put on MODEL")
+    p.add_argument("--adapter", help="PEFT adapter directory (or a run directory with adapter/) to put on MODEL")
     p.add_argument("--input", required=True, help="prompts, one JSON object per line")
     p.add_argument("--output", required=True, help="completions, one JSON object per line (appended on resume)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")

@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
         "grpo", help="GRPO: reinforcement learning from verifiable rewards, from a YAML recipe",
         description="GRPO from a YAML recipe: sample grpo.num_generations completions per prompt, score them with "
                     "the rewards, and train on group-relative advantages. Any key can be overridden as "
-                    "section.key=value, e.g.: posttrain grpo recipes/tiny/grpo.yaml train.max_steps=2 "
+                    "section.key=value, e.g.: posttrain grpo tiny/grpo train.max_steps=2 "
                     "grpo.num_generations=4 output_dir=runs/try",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Batch: train.batch_size x train.grad_accum completions per step and process, a multiple of "
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                "Start from an SFT adapter with init_adapter=runs/sft/adapter.\n"
                "Run under `accelerate launch -m posttrain.cli grpo ...` for several processes (prompts are "
                "sharded, each group stays on one process).")
-    p.add_argument("recipe", help="path to a recipe .yaml (see recipes/grpo and recipes/tiny/grpo.yaml)")
+    p.add_argument("recipe", help="path to a recipe .yaml, or a shipped name like tiny/grpo (see posttrain recipes)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides, e.g. grpo.beta=0.04 grpo.loss_type=grpo train.lr=1e-5")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")

@@ -1,9 +1,12 @@
-"""``posttrain quickstart [--out DIR] [--fast]``: the built-in pipeline recipes/pipelines/quickstart.yaml."""
+"""``posttrain quickstart [--out DIR] [--fast]``: the shipped pipeline pipelines/quickstart (package data, so a
+wheel install runs it too)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from posttrain import recipes
 
 # --fast: a smoke run of every stage (a minute or two), not a result
 FAST = {
@@ -13,19 +16,13 @@ FAST = {
 }
 
 
-def pipeline_file() -> Path:
-    import posttrain
-
-    return Path(posttrain.__file__).resolve().parents[2] / "recipes" / "pipelines" / "quickstart.yaml"
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "quickstart", help="SmolLM2-135M on synthetic arithmetic: eval, SFT, eval, GRPO, eval, export, report",
-        description="The built-in pipeline (recipes/pipelines/quickstart.yaml): evaluate SmolLM2-135M-Instruct on "
-                    "held-out synthetic arithmetic, SFT it on the reasoning format, GRPO it with the verifier's "
-                    "rewards, evaluate after each stage, export merged weights and write report.md. About 6 "
-                    "minutes on a 2-core CPU; rerun to continue an interrupted run.",
+        description="The shipped pipeline pipelines/quickstart (`posttrain recipes pipelines/quickstart` prints its "
+                    "path): evaluate SmolLM2-135M-Instruct on held-out synthetic arithmetic, SFT it on the reasoning "
+                    "format, GRPO it with the verifier's rewards, evaluate after each stage, export merged weights "
+                    "and write report.md. About 6 minutes on a 2-core CPU; rerun to continue an interrupted run.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/quickstart, runs/quickstart-fast with --fast)")
     p.add_argument("--fast", action="store_true", help="a smoke run: 2 SFT steps, 1 GRPO step, 8 eval problems")
@@ -33,13 +30,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from posttrain.errors import UserError
     from posttrain.pipeline import run_pipeline
 
-    path = pipeline_file()
-    if not path.is_file():
-        raise UserError(f"the quickstart pipeline {path} is missing: posttrain must be installed from its source "
-                        "checkout (pip install -e .), or run `posttrain run` with your own pipeline file")
+    path = recipes.ROOT / "pipelines" / "quickstart.yaml"
     out = Path(args.out or ("runs/quickstart-fast" if args.fast else "runs/quickstart"))
     run_pipeline(path, out=out, extra=FAST if args.fast else None)
     print(f"[posttrain] quickstart done\n  report: {out / 'report.md'}\n  model:  {out / 'export' / 'merged'}"

@@ -10,8 +10,8 @@ A pipeline file lists stages that run in order, each taking the previous stage's
   model: smollm2-135m-instruct          # optional: the base model of every stage (model.name=...)
   stages:
     - {name: eval_base, command: eval, benchmark: synthetic, limit: 100, prompt: reasoning}
-    - {name: sft, recipe: recipes/tiny/quickstart_sft.yaml, overrides: [train.max_steps=24]}
-    - {name: grpo, recipe: recipes/tiny/quickstart_grpo.yaml}     # starts from the sft adapter
+    - {name: sft, recipe: tiny/quickstart_sft, overrides: [train.max_steps=24]}
+    - {name: grpo, recipe: tiny/quickstart_grpo}                   # starts from the sft adapter
     - {name: eval_grpo, command: eval, benchmark: synthetic, limit: 100, prompt: reasoning}
     - {name: export, format: merged}                               # adapter | merged | gguf (quant:, dtype:)
 command defaults to the name (sft, grpo, eval, export). eval stages take the options of `posttrain eval`
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run a pipeline file (sft, grpo, eval, export stages) with a report at the end",
                        description="Run the stages of a pipeline file in order; rerun to continue it.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("pipeline", help="pipeline .yaml (see recipes/pipelines/)")
+    p.add_argument("pipeline", help="a pipeline: the path to a .yaml, or a shipped name like pipelines/quickstart")
     p.add_argument("--out", metavar="DIR", help="run directory (default: the file's output_dir)")
     p.set_defaults(func=run)
 

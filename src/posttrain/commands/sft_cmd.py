@@ -9,12 +9,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "sft", help="supervised fine-tuning (full, LoRA, QLoRA) from a YAML recipe",
         description="Supervised fine-tuning from a YAML recipe. Any key can be overridden as section.key=value, "
-                    "e.g.: posttrain sft recipes/tiny/sft.yaml train.max_steps=2 output_dir=runs/try",
+                    "e.g.: posttrain sft tiny/sft train.max_steps=2 output_dir=runs/try",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="The run directory (output_dir) receives config.yaml, metrics.jsonl, checkpoints/ and the final "
                "adapter/ (LoRA, QLoRA) or model/ (full fine-tuning, lora=null).\n"
                "Run under `accelerate launch -m posttrain.cli sft ...` for several processes (DDP).")
-    p.add_argument("recipe", help="path to a recipe .yaml (see recipes/)")
+    p.add_argument("recipe", help="path to a recipe .yaml, or a shipped name like tiny/sft (see posttrain recipes)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.lr=1e-4 lora.r=8")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.set_defaults(func=run)

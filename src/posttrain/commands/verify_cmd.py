@@ -11,6 +11,9 @@ import json
 import sys
 import time
 
+from posttrain.errors import UserError
+from posttrain.verify import VerifierPool
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -31,8 +34,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from posttrain.errors import UserError
-
     if args.timeout <= 0:
         raise UserError(f"--timeout must be positive, got {args.timeout}")
     if args.file:
@@ -41,8 +42,6 @@ def run(args) -> int:
         return _run_file(args)
     if args.prediction is None or args.gold is None:
         raise UserError("give PREDICTION and GOLD (e.g. posttrain verify '\\frac{1}{2}' 0.5), or --file pairs.jsonl")
-    from posttrain.rewards import VerifierPool
-
     with VerifierPool(workers=args.workers or 1, timeout=args.timeout) as pool:
         v = pool.verify(args.prediction, args.gold)
     if args.json:
@@ -54,36 +53,15 @@ def run(args) -> int:
     return 0 if v.equal else 1
 
 
-def _read_pairs(path):
-    from posttrain.errors import UserError
-
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"--file {path!r}: cannot open ({exc.strerror})") from None
-    rows = []
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one object") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in ("prediction", "gold") if k not in row]
-            if missing:
-                raise UserError(f"{path}:{lineno}: missing key {missing[0]!r}; each line needs \"prediction\" and \"gold\"")
-            rows.append(row)
-    return rows
+def _pair_problem(row: dict) -> str | None:
+    missing = [k for k in ("prediction", "gold") if k not in row]
+    return f"missing key {missing[0]!r}; each line needs \"prediction\" and \"gold\"" if missing else None
 
 
 def _run_file(args) -> int:
-    from posttrain.errors import UserError
-    from posttrain.rewards import VerifierPool
+    from posttrain.data.loading import read_jsonl  # not at the top: cli imports every command module
 
-    rows = _read_pairs(args.file)
+    rows = read_jsonl(args.file, what="--file", check=_pair_problem)
     t0 = time.perf_counter()
     with VerifierPool(workers=args.workers, timeout=args.timeout) as pool:
         verdicts = pool.verify_many([(_text(r["prediction"]), _text(r["gold"])) for r in rows])

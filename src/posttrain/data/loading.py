@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 from pathlib import Path
+from typing import Callable
 
 from posttrain.config import DataConfig
 from posttrain.errors import UserError
@@ -47,25 +48,46 @@ def load_callable(spec: str, what: str = "data.path"):
     return fn
 
 
+def read_jsonl(path: str | Path, what: str = "data.path",
+               check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """The JSON objects of a JSONL file, one per line (blank lines skipped). ``what`` names where the path came
+    from (``data.path``, ``--input``, ``--file``) for the errors, which also name the file and the 1-based line.
+    ``check(row)`` returns what is wrong with a row, or None; it is reported with the row's line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{what} {p}: cannot open ({exc.strerror}); check the path") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {p}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if line.strip():
+            rows.append(_json_object(line, f"{p}:{lineno}", what, check))
+    return rows
+
+
+def _json_object(line: str, where: str, what: str, check: Callable[[dict], str | None] | None) -> dict:
+    one = f"each line of {what} must be one JSON object"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: not valid JSON ({exc.msg}); {one}") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}; {one}")
+    problem = check(row) if check else None
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    return row
+
+
 def read_file(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data.path: file not found: {p}")
     suffix = p.suffix.lower()
     if suffix == ".jsonl" or (suffix == ".json" and p.read_text(errors="ignore").lstrip()[:1] != "["):
-        rows = []
-        with p.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{p} line {lineno}: not valid JSON ({exc.msg}); each line must be one object") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{p} line {lineno}: expected a JSON object per line")
-                rows.append(row)
-        return rows
+        return read_jsonl(p)
     if suffix == ".json":
         try:
             data = json.loads(p.read_text())

@@ -1,18 +1,19 @@
 """Evaluation on math benchmarks: benchmark loading, prompts, batched generation, answer verification,
 pass@k / maj@k metrics with intervals, and comparison tables.
 
-    from posttrain.evaluation import EvalSettings, evaluate, load_benchmark
+    from posttrain.evaluation import EvalConfig, evaluate, load_benchmark
     bench = load_benchmark("math500")                      # or "path/to/file.jsonl", or data_file=...
-    metrics = evaluate(model, tokenizer, bench, EvalSettings(prompt_style="boxed"), out_dir="runs/x/eval/math500")
+    metrics = evaluate(model, tokenizer, bench, EvalConfig(prompt="boxed"), out_dir="runs/x/eval/math500")
     metrics["accuracy"], metrics["ci95"], metrics["format_rate"], metrics["truncation_rate"]
 """
 
+from posttrain.config import EvalConfig
 from posttrain.evaluation.benchmarks import NAMES as BENCHMARKS
 from posttrain.evaluation.benchmarks import Benchmark, Problem, is_dapo_heldout, load_benchmark
 from posttrain.evaluation.metrics import maj_at_k, pass_at_k, summarize, wilson_interval
-from posttrain.evaluation.runner import EvalSettings, evaluate
+from posttrain.evaluation.runner import evaluate
 
 __all__ = [
-    "BENCHMARKS", "Benchmark", "EvalSettings", "Problem", "evaluate", "is_dapo_heldout", "load_benchmark",
+    "BENCHMARKS", "Benchmark", "EvalConfig", "Problem", "evaluate", "is_dapo_heldout", "load_benchmark",
     "maj_at_k", "pass_at_k", "summarize", "wilson_interval",
 ]

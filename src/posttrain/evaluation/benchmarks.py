@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.verify import extract_answer
 
 DAPO_HELDOUT_FRACTION = 0.03
 
@@ -108,8 +109,6 @@ def _gold_from_row(spec: BenchmarkSpec, row: dict, where: str) -> str:
             raise UserError(f"{where}: field '{key}' has no '#### <number>' final line; GSM8K answers end with it")
         return text.rsplit("####", 1)[1].strip().replace(",", "")
     if spec.gold == "boxed_if_solution" and key == "solution":
-        from posttrain.rewards import extract_answer
-
         gold = extract_answer(str(value), style="boxed")
         if gold is None:
             raise UserError(f"{where}: no 'answer' field and no \\boxed{{}} in 'solution' to take the gold answer from")

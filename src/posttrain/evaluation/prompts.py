@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from posttrain.config import ReasoningMarkers
 from posttrain.errors import UserError
+from posttrain.verify import extract_answer
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -30,7 +31,7 @@ class PromptStyle:
     name: str
     default_template: str
     instruction: str | None      # appended to the problem as a new paragraph
-    answer_style: str            # posttrain.rewards.extract_answer style
+    answer_style: str            # posttrain.verify.extract_answer style
 
 
 STYLES = {
@@ -74,8 +75,6 @@ def stop_strings(style: PromptStyle, markers: ReasoningMarkers | None = None) ->
 def extract(completion: str, style: PromptStyle, *, markers: ReasoningMarkers | None = None, prompt: str = "",
             last_number: bool = False) -> str | None:
     """The answer in a completion by the style's rule (``last_number``: fall back to the last number)."""
-    from posttrain.rewards import extract_answer
-
     markers = markers or ReasoningMarkers()
     tags = ((markers.solution_start, markers.solution_end),)
     if style.answer_style == "auto":

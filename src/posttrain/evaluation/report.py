@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+def percent(x: float | None, unit: str = "", missing: str = "-") -> str:
+    """A fraction as a percentage with one decimal (0.1234 -> "12.3" + unit); ``missing`` for None."""
+    return missing if x is None else f"{100 * x:.1f}{unit}"
 
 
 def metrics_line(m: dict) -> str:
     lo, hi = m["ci95"]
-    extra = "".join(f" pass@{k} {_pct(v)}%" for k, v in m.get("pass_at_k", {}).items() if k != "1")
-    extra += "".join(f" maj@{k} {_pct(v)}%" for k, v in m.get("maj_at_k", {}).items() if k != "1")
-    return (f"{m['benchmark']}: accuracy {_pct(m['accuracy'])}% (95% CI {_pct(lo)}-{_pct(hi)}, n={m['n']}"
+    extra = "".join(f" pass@{k} {percent(v)}%" for k, v in m.get("pass_at_k", {}).items() if k != "1")
+    extra += "".join(f" maj@{k} {percent(v)}%" for k, v in m.get("maj_at_k", {}).items() if k != "1")
+    return (f"{m['benchmark']}: accuracy {percent(m['accuracy'])}% (95% CI {percent(lo)}-{percent(hi)}, n={m['n']}"
             f"{'' if m.get('n_samples', 1) == 1 else ' x ' + str(m['n_samples']) + ' samples'}){extra}; "
-            f"format {_pct(m['format_rate'])}%, truncated {_pct(m['truncation_rate'])}%, "
+            f"format {percent(m['format_rate'])}%, truncated {percent(m['truncation_rate'])}%, "
             f"{m['mean_completion_tokens']:.0f} tokens/completion")
 
 
@@ -26,10 +27,10 @@ def comparison_table(results: list[tuple[str, dict]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for label, m in results:
         lo, hi = m["ci95"]
-        cells = ([label, m["benchmark"], str(m["n"]), _pct(m["accuracy"]), f"{_pct(lo)}-{_pct(hi)}"]
-                 + [_pct(m.get("pass_at_k", {}).get(str(k))) for k in ks]
-                 + [_pct(m.get("maj_at_k", {}).get(str(k))) for k in mks]
-                 + [_pct(m["format_rate"]), _pct(m["truncation_rate"]), f"{m['mean_completion_tokens']:.0f}"])
+        cells = ([label, m["benchmark"], str(m["n"]), percent(m["accuracy"]), f"{percent(lo)}-{percent(hi)}"]
+                 + [percent(m.get("pass_at_k", {}).get(str(k))) for k in ks]
+                 + [percent(m.get("maj_at_k", {}).get(str(k))) for k in mks]
+                 + [percent(m["format_rate"]), percent(m["truncation_rate"]), f"{m['mean_completion_tokens']:.0f}"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -39,5 +40,6 @@ def group_table(m: dict, field: str) -> str:
     groups = m.get("by", {}).get(field, {})
     lines = [f"| {field} | n | accuracy % | 95% CI |", "|---|---|---|---|"]
     for key, g in groups.items():
-        lines.append(f"| {key} | {g['n']} | {_pct(g['accuracy'])} | {_pct(g['ci95'][0])}-{_pct(g['ci95'][1])} |")
+        lo, hi = g["ci95"]
+        lines.append(f"| {key} | {g['n']} | {percent(g['accuracy'])} | {percent(lo)}-{percent(hi)} |")
     return "\n".join(lines)

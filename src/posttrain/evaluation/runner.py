@@ -1,11 +1,12 @@
 """Evaluate one model on one benchmark: prompt -> generate -> extract -> verify -> samples.jsonl -> metrics.json.
 
-    from posttrain.evaluation import EvalSettings, evaluate, load_benchmark
-    metrics = evaluate(model, tokenizer, load_benchmark("gsm8k"), EvalSettings(prompt_style="boxed"),
+    from posttrain.evaluation import EvalConfig, evaluate, load_benchmark
+    metrics = evaluate(model, tokenizer, load_benchmark("gsm8k"), EvalConfig(prompt="boxed"),
                        out_dir="runs/eval/gsm8k")
 
-Decoding: greedy (``temperature=0``, one sample: pass@1 is the greedy accuracy), or ``n_samples`` sampled
-completions per problem for the unbiased pass@k and maj@k (``accuracy`` is then the mean sampled pass@1).
+Decoding: greedy (``temperature=0``, one sample: pass@1 is the greedy accuracy), or ``samples`` sampled
+completions per problem for the unbiased pass@k and maj@k (``accuracy`` is then the mean sampled pass@1). The
+settings and their defaults are :class:`posttrain.config.EvalConfig`.
 
 Resumable: every finished problem's rows are appended to ``samples.jsonl`` and flushed, so an interrupted run
 loses at most the batch in flight; a rerun with the same ``out_dir`` skips the finished problems. The settings
@@ -19,59 +20,17 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from posttrain.config import ReasoningMarkers
+from posttrain.config import EvalConfig
 from posttrain.errors import UserError
 from posttrain.evaluation.benchmarks import Benchmark, Problem
 from posttrain.evaluation.generation import generate
 from posttrain.evaluation.metrics import summarize
 from posttrain.evaluation.prompts import build_prompt, extract, get_style, stop_strings
+from posttrain.verify import VerifierPool
 
 SAMPLES, METRICS, CONFIG = "samples.jsonl", "metrics.json", "eval_config.json"
-
-
-@dataclass
-class EvalSettings:
-    prompt_style: str = "boxed"          # reasoning | boxed | chat (see prompts.py)
-    template: str | None = None          # None: the style's default; tokenizer | chatml | qwen3 | reasoning
-    system_prompt: str | None = None
-    markers: ReasoningMarkers = field(default_factory=ReasoningMarkers)
-    max_new_tokens: int = 1024
-    batch_size: int = 16                 # sequences per generate call
-    n_samples: int = 1
-    temperature: float = 0.0             # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    ks: tuple[int, ...] = (1,)           # pass@k / maj@k for these k (at most n_samples)
-    seed: int = 0
-    last_number: bool = False            # score the last number when the style's answer is missing
-
-    def check(self) -> None:
-        get_style(self.prompt_style)
-        if self.n_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise UserError("n_samples, batch_size and max_new_tokens must be at least 1")
-        if self.n_samples > 1 and self.temperature <= 0:
-            raise UserError(f"{self.n_samples} samples per problem need sampling: set a temperature > 0 "
-                            "(greedy decoding gives the same completion every time)")
-        bad = [k for k in self.ks if not 1 <= k <= self.n_samples]
-        if bad:
-            raise UserError(f"pass@k for k={bad} needs at least that many samples per problem (n_samples="
-                            f"{self.n_samples}); raise --samples or lower --k")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["markers"] = self.markers.model_dump()
-        d["ks"] = list(self.ks)
-        return d
-
-    def fingerprint(self) -> dict:
-        """What changes the completions or their scores (batch size and k do not)."""
-        d = self.to_dict()
-        for key in ("batch_size", "ks"):
-            d.pop(key)
-        return d
 
 
 def _problem_seed(seed: int, pid: str) -> int:
@@ -133,7 +92,7 @@ def _check_config(out: Path, config: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _score(pool, style, settings: EvalSettings, items: list[tuple[Problem, int, str, object]]) -> list[dict]:
+def _score(pool, style, settings: EvalConfig, items: list[tuple[Problem, int, str, object]]) -> list[dict]:
     extracted = [extract(c.text, style, markers=settings.markers, prompt=prompt) for _, _, prompt, c in items]
     scored = [e if e is not None or not settings.last_number else
               extract(c.text, style, markers=settings.markers, prompt=prompt, last_number=True)
@@ -155,30 +114,27 @@ def _score(pool, style, settings: EvalSettings, items: list[tuple[Problem, int, 
     return rows
 
 
-def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalSettings | None = None, *,
+def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None = None, *,
              out_dir: str | Path | None = None, model_id: str | None = None, progress: bool = True,
              generate_fn=None) -> dict:
     """Evaluate ``model`` on ``benchmark``; returns the metrics dict (also written to ``out_dir/metrics.json``
     with one row per sample in ``out_dir/samples.jsonl`` when ``out_dir`` is given). ``generate_fn`` replaces
     :func:`posttrain.evaluation.generation.generate` (same call; e.g. the vLLM backend's)."""
-    from posttrain.rewards import VerifierPool
-
-    settings = settings or EvalSettings()
-    settings.check()
-    style = get_style(settings.prompt_style)
+    settings = settings or EvalConfig()
+    style = get_style(settings.prompt)
     out = Path(out_dir) if out_dir is not None else None
     done: dict[str, list[dict]] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         _check_config(out, {"model": model_id, "benchmark": benchmark.name, **settings.fingerprint()})
-        done = _read_done(out, settings.n_samples)
+        done = _read_done(out, settings.samples)
 
     prompts = {p.id: build_prompt(tokenizer, p.problem, style, template=settings.template, markers=settings.markers,
                                   system_prompt=settings.system_prompt) for p in benchmark.problems}
     pending = [p for p in benchmark.problems if p.id not in done]
     lengths = {p.id: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]) for p in pending}
     pending.sort(key=lambda p: -lengths[p.id])   # similar lengths share a batch; the longest run first
-    per_batch = max(1, settings.batch_size // settings.n_samples)
+    per_batch = max(1, settings.batch_size // settings.samples)
     stops = stop_strings(style, settings.markers)
 
     was_training = model.training
@@ -195,7 +151,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalSettings | No
     try:
         for b in range(0, len(pending), per_batch):
             group = pending[b: b + per_batch]
-            seqs = [(p, s) for p in group for s in range(settings.n_samples)]
+            seqs = [(p, s) for p in group for s in range(settings.samples)]
             completions = []
             for c in range(0, len(seqs), settings.batch_size):
                 chunk = seqs[c: c + settings.batch_size]
@@ -214,7 +170,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalSettings | No
                 bar.update(len(group))
                 finished = [done[p.id] for p in benchmark.problems if p.id in done]
                 correct = sum(r["verdict"] for rows_ in finished for r in rows_)
-                bar.set_postfix(acc=f"{correct / max(1, settings.n_samples * len(finished)):.3f}",
+                bar.set_postfix(acc=f"{correct / max(1, settings.samples * len(finished)):.3f}",
                                 tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
     finally:
         pool.close()
@@ -231,7 +187,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalSettings | No
     group_by = sorted({k for p in benchmark.problems for k in p.meta})
     metrics = {
         "benchmark": benchmark.name, "source": benchmark.source, "model": model_id,
-        **summarize(rows, ks=settings.ks, group_by=group_by),
+        **summarize(rows, ks=settings.k, group_by=group_by),
         "settings": settings.to_dict(),
         "elapsed_s": round(elapsed, 2), "new_completion_tokens": new_tokens,
         "tokens_per_s": round(new_tokens / elapsed, 1) if elapsed > 0 else None,

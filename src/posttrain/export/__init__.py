@@ -6,7 +6,8 @@ Every export is written into a hidden sibling directory (``.NAME.partial-PID``),
 its source (``verify.py``), and only then renamed to ``out``; an export that is interrupted or fails its check
 never leaves a directory that looks complete. ``export.json``, written last, records the source, the settings
 and the round-trip numbers. Nothing is built: GGUF files are written with the ``gguf`` package (``gguf_writer``),
-and only ``q4_k_m`` calls out to llama.cpp's ``llama-quantize`` when it is on the PATH.
+and only ``q4_k_m`` calls out to llama.cpp's ``llama-quantize`` when it is on the PATH. What a source may be (run
+directory, adapter directory, model) and how it is loaded is ``posttrain.runs``'s.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from posttrain import runs
 from posttrain.errors import UserError
 
 FORMATS = ("adapter", "merged", "gguf")
@@ -97,7 +99,7 @@ def find_llama_quantize(explicit: str | None = None) -> str:
 def default_name(source: str, src) -> str:
     p = Path(source)
     if p.is_dir():
-        name = (p.parent.name if p.name in ("adapter", "model") else p.name) or "model"
+        name = (p.parent.name if p.name in (runs.ADAPTER, runs.MODEL) else p.name) or "model"
     else:
         name = Path(src.model.name).stem if src.model.name.endswith(".gguf") else src.model.name.rstrip("/").split("/")[-1]
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "model"
@@ -108,7 +110,6 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
            llama_quantize: str | None = None, name: str | None = None, verbose: bool = True) -> dict:
     """Export ``source`` (run dir, adapter dir, model) as ``fmt`` into ``out``; returns the report (export.json)."""
     from posttrain.export import merge as merge_mod
-    from posttrain.export import source as source_mod
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -119,10 +120,10 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
     quantizer = find_llama_quantize(llama_quantize) if fmt == "gguf" and quant == "q4_k_m" else None
     out = Path(out).expanduser()
     check_output(out, overwrite)
-    src = source_mod.resolve(source, base=base)
+    src = runs.resolve(source, base=base)
     if fmt == "adapter" and src.adapter_dir is None:
         raise UserError(f"{source} holds full weights, not a LoRA adapter; export it with --format merged or gguf")
-    source_mod.check_base_exists(src)
+    runs.check_base_exists(src)
     t0 = time.perf_counter()
     report: dict = {"format": fmt, "source": str(source), "base": src.model.name, "base_from": src.base_from,
                     "adapter": str(src.adapter_dir) if src.adapter_dir else None, "load_in_4bit": src.model.load_in_4bit}
@@ -141,11 +142,10 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
 
 
 def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, verbose: bool) -> None:
-    from posttrain.export import source as source_mod
     from posttrain.export import verify as verify_mod
 
     adir = src.adapter_dir
-    for fname in ADAPTER_FILES + source_mod.TOKENIZER_FILES:
+    for fname in ADAPTER_FILES + runs.TOKENIZER_FILES:
         if (adir / fname).is_file():
             shutil.copy2(adir / fname, tmp / fname)
     if (tmp / "adapter_model.bin").is_file() and not (tmp / "adapter_model.safetensors").is_file():
@@ -173,7 +173,7 @@ def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, 
     if not src.tokenizer_dir:
         _log("note: the adapter directory has no tokenizer; the base model's tokenizer will be used", verbose)
     if verify:
-        model, tok = source_mod.load(src, device=device, verbose=verbose)
+        model, tok = runs.load(src, device=device, verbose=verbose)
         ids = verify_mod.probe_ids(tok)
         ref = verify_mod.logits(model, ids)
         del model
@@ -185,17 +185,16 @@ def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, 
 def _export_dense(src, fmt: str, tmp: Path, report: dict, *, quant: str, dtype: str, verify: bool, device: str,
                   quantizer: str | None, name: str, verbose: bool) -> None:
     from posttrain.export import merge as merge_mod
-    from posttrain.export import source as source_mod
     from posttrain.export import verify as verify_mod
 
     from_4bit = src.model.load_in_4bit
     ref = ids = None
     if verify and from_4bit:  # the reference is the model as trained: 4-bit base + adapter
-        model, tok = source_mod.load(src, device=device, verbose=verbose)
+        model, tok = runs.load(src, device=device, verbose=verbose)
         ids = verify_mod.probe_ids(tok)
         ref = verify_mod.logits(model, ids)
         del model
-    model, tok = source_mod.load(src, device=device, dequantize=True, verbose=verbose and ref is None)
+    model, tok = runs.load(src, device=device, dequantize=True, verbose=verbose and ref is None)
     if verify and ref is None:
         ids = verify_mod.probe_ids(tok)
         ref = verify_mod.logits(model, ids)
@@ -214,8 +213,9 @@ def _export_dense(src, fmt: str, tmp: Path, report: dict, *, quant: str, dtype: 
         return
 
     from posttrain.export import gguf_writer, ollama
+    from posttrain.rollout import stop_token_ids
 
-    eos = merge_mod.eos_token_ids(merged, tok)
+    eos = stop_token_ids(merged, tok)
     gguf_name = f"{name}-{quant}.gguf"
     path = tmp / gguf_name
     t0 = time.perf_counter()

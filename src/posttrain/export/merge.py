@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float16", "float32")
+from posttrain.rollout import stop_token_ids
 
-# tokens that end an assistant turn in common chat templates; generation must stop on them
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def merge(model):
@@ -31,40 +30,15 @@ def cast(model, dtype: str):
     return model.to(getattr(torch, dtype))
 
 
-def eos_token_ids(model, tok) -> list[int]:
-    """Every id generation should stop on: the tokenizer's EOS, the model config's and generation config's EOS,
-    and the end-of-turn tokens the chat template writes. The first is the one the template ends turns with."""
-    ids: list[int] = []
-
-    def add(x):
-        for i in x if isinstance(x, (list, tuple)) else [x]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-
-    template = getattr(tok, "chat_template", None) or ""
-    if isinstance(template, dict):
-        template = " ".join(template.values())
-    vocab = tok.get_vocab()
-    for t in END_OF_TURN:
-        if t in template and t in vocab:
-            add(vocab[t])
-            break
-    add(tok.eos_token_id)
-    gen = getattr(model, "generation_config", None)
-    add(getattr(gen, "eos_token_id", None))
-    add(getattr(model.config, "eos_token_id", None))
-    return ids
-
-
 def save_merged(model, tok, out_dir: str | Path, *, max_shard_size: str = "5GB") -> Path:
     """Write safetensors shards, config, a generation config that stops on every EOS id, and the tokenizer
     with its chat template."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)
-    eos = eos_token_ids(model, tok)
+    eos = stop_token_ids(model, tok)
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
-    gen.eos_token_id = eos if len(eos) > 1 else eos[0]
+    gen.eos_token_id = list(eos) if len(eos) > 1 else eos[0]
     gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     if tok.bos_token_id is not None:
         gen.bos_token_id = tok.bos_token_id

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from posttrain import runs
+
 MERGED_RTOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 GGUF_RTOL = {"f16": 5e-3, "bf16": 5e-3, "q8_0": 5e-2}
 GREEDY_TOKENS = 32
@@ -94,12 +96,10 @@ def verify_merged(out_dir: Path, ref_logits, ids, dtype: str, from_4bit: bool, d
 
 
 def verify_adapter(out_dir: Path, src, ref_logits, ids, device: str = "auto") -> dict:
-    from posttrain.export import source as source_mod
-
     tok_dir = str(out_dir) if (out_dir / "tokenizer_config.json").is_file() else src.tokenizer_dir
-    exported = source_mod.Source(model=src.model, adapter_dir=out_dir, tokenizer_dir=tok_dir, lora=src.lora,
-                                 base_from=src.base_from)
-    model, _ = source_mod.load(exported, device=device, verbose=False)
+    exported = runs.Source(model=src.model, adapter_dir=out_dir, tokenizer_dir=tok_dir, lora=src.lora,
+                           base_from=src.base_from)
+    model, _ = runs.load(exported, device=device, verbose=False)
     result = compare(ref_logits, logits(model, ids))
     result["tolerance"] = 1e-4
     if result["max_abs_diff"] > 1e-4:

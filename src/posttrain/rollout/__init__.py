@@ -11,6 +11,9 @@
 
 The transformers backend is :class:`posttrain.rollout.hf.HFRolloutEngine`. A vLLM backend fits behind the same
 signature (vLLM takes token-id prompts, ``n``, per-request seeds and returns log-probabilities).
+
+Two rules every generating stage shares live here: :func:`completion_seed` (the random stream of one completion)
+and :func:`stop_token_ids` (which tokens end generation).
 """
 
 from __future__ import annotations
@@ -88,4 +91,50 @@ class RolloutEngine(Protocol):
                  seeds: Sequence[int] | None = None) -> Rollouts: ...
 
 
-__all__ = ["RolloutEngine", "Rollouts", "SamplingParams"]
+def completion_seed(sampling_seed: int, prompt_seed: int, index: int) -> int:
+    """The seed of completion ``index`` of the prompt seeded ``prompt_seed``: a deterministic 63-bit mix of the
+    three integers (splitmix64 steps). Every backend keys its per-completion random stream with it."""
+    h = 0x9E3779B97F4A7C15
+    for x in (sampling_seed, prompt_seed, index):
+        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+# tokens that end an assistant turn in common chat templates (ChatML/Qwen, Llama 3, Phi, Gemma, GPT-2 style)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>")
+
+
+def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """Every token id generation stops on; the one rule for GRPO rollouts, evaluation, chat, ``generate`` and the
+    exported generation config.
+
+    The union of: the end-of-turn token the chat template writes (the first of :data:`END_OF_TURN` that appears in
+    the template and the vocabulary), the tokenizer's EOS (what TRL stops on), and the EOS ids of the model's
+    generation config and config (what ``transformers`` ``generate()`` stops on). The template's token comes
+    first, so ``ids[0]`` is the token that ends a turn (export writes it as the GGUF EOS). Why the template's
+    token: a base tokenizer with a chat template (Qwen3-Base: EOS ``<|endoftext|>``, turns end with
+    ``<|im_end|>``) would otherwise run past the end of the answer. ``model`` may be None (tokenizer only)."""
+    ids: list[int] = []
+
+    def add(x):
+        for i in x if isinstance(x, (list, tuple)) else [x]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = " ".join(template.values())
+    for t in END_OF_TURN:
+        i = tokenizer.convert_tokens_to_ids(t) if t in template else None
+        if i is not None and tokenizer.convert_ids_to_tokens(i) == t:  # in the vocabulary (not the unknown token)
+            add(i)
+            break
+    add(tokenizer.eos_token_id)
+    add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    add(getattr(getattr(model, "config", None), "eos_token_id", None))
+    return tuple(ids)
+
+
+__all__ = ["END_OF_TURN", "RolloutEngine", "Rollouts", "SamplingParams", "completion_seed", "stop_token_ids"]

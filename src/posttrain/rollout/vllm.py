@@ -34,14 +34,21 @@ with the trainer's own log-probabilities.
 from __future__ import annotations
 
 import json
+import os
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from posttrain.distributed import full_params
 from posttrain.errors import UserError
-from posttrain.rollout import Rollouts, SamplingParams
+from posttrain.models import resolve_source
+from posttrain.rollout import Rollouts, SamplingParams, completion_seed, stop_token_ids
 
 INSTALL_HINT = ("pip install 'posttrain[vllm]' on a machine with an NVIDIA GPU (vLLM is CUDA-only), or use the "
                 "transformers backend (grpo.rollout_backend=hf, eval --backend hf)")
@@ -62,9 +69,7 @@ def require_vllm():
 
 def completion_seeds(base_seed: int, prompt_seeds: Sequence[int], n: int) -> list[int]:
     """One seed per completion, grouped by prompt: the transformers backend's per-completion key."""
-    from posttrain.rollout.hf import _mix
-
-    return [_mix(base_seed, s, j) for s in prompt_seeds for j in range(n)]
+    return [completion_seed(base_seed, s, j) for s in prompt_seeds for j in range(n)]
 
 
 def sampling_kwargs(sampling: SamplingParams, *, seed: int | None = None, n: int = 1) -> dict:
@@ -201,11 +206,7 @@ class VLLMRolloutEngine:
         self.pushes = 0
 
     def default_stop_ids(self) -> tuple[int, ...]:
-        ids = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
-        gen_cfg = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)
-        if gen_cfg is not None:
-            ids.update(int(e) for e in (gen_cfg if isinstance(gen_cfg, (list, tuple)) else [gen_cfg]))
-        return tuple(sorted(ids))
+        return stop_token_ids(self.policy, self.tokenizer)
 
     def push_weights(self) -> None:
         """Call after each optimizer step: the next rollout first loads the new weights."""
@@ -215,8 +216,6 @@ class VLLMRolloutEngine:
         if self.client is not None:
             self.served = self.publish()
         else:
-            from contextlib import nullcontext
-
             if self.enable_sleep_mode:
                 torch.cuda.empty_cache()
                 self.llm.wake_up(tags=["weights"])
@@ -267,9 +266,6 @@ class VLLMServerClient:
         self.timeout, self.workers = timeout, workers
 
     def _post(self, path: str, body: dict) -> dict:
-        import urllib.error
-        import urllib.request
-
         req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
@@ -302,11 +298,6 @@ class VLLMServerClient:
 def build_training_engine(cfg, model, tokenizer, accelerator, run_dir, max_model_len: int, prepared=None):
     """The vLLM engine for a GRPO run (``cfg``: the GRPORecipe; ``prepared``: the module accelerate prepared,
     whose shards :func:`posttrain.distributed.full_params` gathers)."""
-    import torch.cuda
-
-    from posttrain.distributed import full_params
-    from posttrain.models import resolve_source
-
     v = cfg.grpo.vllm
     is_peft = hasattr(model, "disable_adapter")
     if cfg.model.load_in_4bit:
@@ -316,8 +307,6 @@ def build_training_engine(cfg, model, tokenizer, accelerator, run_dir, max_model
         if not is_peft:
             raise UserError("grpo.vllm.mode=server pushes the LoRA adapter to the server by file; full fine-tuning "
                             "(lora: null) needs grpo.vllm.mode=colocate")
-        from pathlib import Path
-
         client = VLLMServerClient(v.server_host, v.server_port, v.server_timeout)
         root = Path(v.adapter_dir or (Path(run_dir) / "vllm_adapters")).resolve()
         state = {"version": 0, "name": None}
@@ -343,8 +332,6 @@ def build_training_engine(cfg, model, tokenizer, accelerator, run_dir, max_model
     if gguf:
         raise UserError("grpo.rollout_backend=vllm cannot start from a .gguf model; give the hub id or directory")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    import os
-
     os.environ.setdefault("RANK", str(accelerator.process_index))  # vLLM's external launcher reads torchrun's
     os.environ.setdefault("LOCAL_RANK", str(accelerator.local_process_index))
     os.environ.setdefault("WORLD_SIZE", str(accelerator.num_processes))
@@ -358,56 +345,7 @@ def build_training_engine(cfg, model, tokenizer, accelerator, run_dir, max_model
                              gather=lambda: full_params(prepared if prepared is not None else model))
 
 
-class VLLMEvalGenerator:
-    """Evaluation through vLLM: the same call as ``posttrain.evaluation.generation.generate``; a LoRA adapter is
-    served with ``LoRARequest`` (no merge)."""
 
-    training = False  # the evaluation runner treats the generator as the model
-
-    def __init__(self, model_path: str, adapter: str | None = None, *, gpu_memory_utilization: float = 0.85,
-                 dtype: str = "auto", max_model_len: int | None = None):
-        vllm = require_vllm()
-        import torch.cuda
-
-        if not torch.cuda.is_available():
-            raise UserError(f"eval --backend vllm needs a CUDA GPU; none is visible here. {INSTALL_HINT}")
-        kw = {"model": model_path, "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype,
-              "enable_prefix_caching": True}
-        if max_model_len:
-            kw["max_model_len"] = max_model_len
-        self.lora = None
-        if adapter:
-            from vllm.lora.request import LoRARequest
-
-            cfg = json.loads((__import__("pathlib").Path(adapter) / "adapter_config.json").read_text())
-            kw.update(enable_lora=True, max_lora_rank=max(int(cfg.get("r", 16)), 8))
-            self.lora = LoRARequest("adapter", 1, str(adapter))
-        self.vllm = vllm
-        self.llm = vllm.LLM(**kw)
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
-
-    def generate(self, model, tokenizer, prompts: list[str], *, max_new_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, stop=(), seed: int | None = None):
-        from posttrain.evaluation.generation import Completion
-
-        sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                            stop_strings=tuple(stop), logprobs=False, seed=seed or 0)
-        params = [self.vllm.SamplingParams(**sampling_kwargs(sp, seed=None if seed is None else seed + i))
-                  for i in range(len(prompts))]
-        outs = self.llm.generate(list(prompts), sampling_params=params, lora_request=self.lora, use_tqdm=False)
-        results = []
-        for o in outs:
-            c = o.outputs[0]
-            finish = "length" if c.finish_reason == "length" else ("stop" if isinstance(c.stop_reason, str) else "eos")
-            results.append(Completion(text=c.text, n_tokens=len(c.token_ids), finish=finish))
-        return results
-
-
-__all__ = ["VLLMEvalGenerator", "VLLMRolloutEngine", "VLLMServerClient", "build_rollouts", "build_training_engine",
+__all__ = ["INSTALL_HINT", "VLLMRolloutEngine", "VLLMServerClient", "build_rollouts", "build_training_engine",
            "completion_request", "completion_seeds", "llm_kwargs", "merged_named_weights", "parse_completion_choice",
            "require_vllm", "sampling_kwargs", "vllm_weight_name"]

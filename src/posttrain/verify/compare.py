@@ -21,7 +21,6 @@ Policy (see docs/verifier.md for the reasons):
 from __future__ import annotations
 
 from decimal import Decimal
-from fractions import Fraction
 
 from posttrain.verify.algebra import (
     RF,
@@ -459,11 +458,3 @@ class Comparer:
         diff = abs(Decimal(d.numerator) / Decimal(d.denominator) - re_)
         return diff <= Decimal(10) ** -places and diff <= REL_TOL * abs(re_)
 
-
-def exact_fraction(node) -> Fraction | None:
-    """The exact rational value of a constant node (helper for rewards and tests)."""
-    try:
-        v = evaluate(node)
-    except (NeedSymbolic, TooLarge, Undefined, NotScalar):
-        return None
-    return v.rational() if isinstance(v, RF) else None

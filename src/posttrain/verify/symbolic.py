@@ -20,6 +20,8 @@ import random
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, localcontext
 
 import sympy as sp
+from latex2sympy2_extended import latex2sympy
+from latex2sympy2_extended.latex2sympy2 import ConversionConfig
 
 from posttrain.verify.algebra import E, MAX_FACT, PI, RF, Budget, NeedSymbolic, NotScalar, TooLarge, Undefined
 from posttrain.verify.compare import REL_TOL, _decimal_places
@@ -248,9 +250,6 @@ class SympyBackend:
 def latex2sympy_fallback(norm: str):
     """One normalised answer through latex2sympy2_extended (an ANTLR grammar; no eval of the input)
     for answers our grammar rejects. Returns a sympy object, or None when it fails or is a relation."""
-    from latex2sympy2_extended import latex2sympy
-    from latex2sympy2_extended.latex2sympy2 import ConversionConfig
-
     if len(norm) > 500:
         return None
     try:

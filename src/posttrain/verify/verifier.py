@@ -1,4 +1,4 @@
-"""``verify(prediction, gold) -> Verdict``: the answer-equivalence ladder.
+"""The answer-equivalence ladder (``posttrain.verify.verify`` runs it; this module never starts processes).
 
 Rungs, cheapest first:
 1. prepare: unwrap ``\\boxed{}`` and math delimiters, normalise (normalize.py);
@@ -9,7 +9,8 @@ Rungs, cheapest first:
    intervals, matrices, equations and inequalities. This runs in-process: every operation is capped, so
    it is provably short (no pool, no IPC);
 5. what needs sympy (functions, roots of expressions, answers our grammar rejects) goes to a worker
-   process with a hard wall-clock limit (pool.py); a timeout is the verdict ``timeout``.
+   process with a hard wall-clock limit (pool.py); a timeout is the verdict ``timeout``. ``verify_fast`` is
+   rungs 1-4, ``verify_symbolic`` all five (it runs inside a worker).
 
 Several boxes: in a gold they are one multi-part answer (a list); in a prediction the last box is the
 answer, unless the gold has several parts, in which case all the prediction's boxes form the list.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from posttrain.verify.algebra import NeedSymbolic
+from posttrain.verify.algebra import NeedSymbolic, TooLarge
 from posttrain.verify.compare import Comparer
 from posttrain.verify.extract import find_boxes
 from posttrain.verify.latex_parse import ParseError, parse
@@ -184,7 +185,9 @@ def gold_parseable(gold: str) -> bool:
 
 def verify_symbolic(prediction: str, gold: str) -> Verdict:
     """All rungs including sympy; runs inside a worker process (pool.py)."""
-    from posttrain.verify.symbolic import SympyBackend, latex2sympy_fallback
+    import sympy as sp  # here, not at the top: only worker processes pay for sympy
+
+    from posttrain.verify.symbolic import SympyBackend, latex2sympy_fallback, to_sympy
 
     st = _stage(prediction, gold)
     if st.verdict is not None:
@@ -194,16 +197,10 @@ def verify_symbolic(prediction: str, gold: str) -> Verdict:
         try:
             return _finish(st, Comparer(symbolic=backend))
         except Exception as exc:  # noqa: BLE001 - report sympy's failure as a verdict
-            if isinstance(exc, (MemoryError, RecursionError)):
-                return Verdict(False, "too_large", st.pred, st.gold)
-            from posttrain.verify.algebra import TooLarge
-
-            if isinstance(exc, TooLarge):
+            if isinstance(exc, (MemoryError, RecursionError, TooLarge)):
                 return Verdict(False, "too_large", st.pred, st.gold)
             return Verdict(False, f"error:{type(exc).__name__}", st.pred, st.gold)
     # one side (or both) only parses with latex2sympy2_extended: compare as scalars
-    from posttrain.verify.symbolic import to_sympy
-
     sides = []
     for ast, norm in ((st.pred_ast, st.pred), (st.gold_ast, st.gold)):
         expr = None
@@ -218,8 +215,6 @@ def verify_symbolic(prediction: str, gold: str) -> Verdict:
     if a is None:
         return Verdict(False, "unparseable_prediction", st.pred, st.gold)
     try:
-        import sympy as sp
-
         if isinstance(a, sp.Expr) and isinstance(b, sp.Expr):
             eq, reason = backend.compare_exprs(a, b)
         else:
@@ -229,32 +224,3 @@ def verify_symbolic(prediction: str, gold: str) -> Verdict:
     except Exception as exc:  # noqa: BLE001
         return Verdict(False, f"error:{type(exc).__name__}", st.pred, st.gold)
 
-
-def verify(prediction: str, gold: str, *, timeout: float | None = None, pool=None) -> Verdict:
-    """Is ``prediction`` the same answer as ``gold``? Never raises for any input strings.
-
-    Ordinary answers are decided in-process; symbolic ones in ``pool`` (default: a shared
-    ``VerifierPool``, started on first need) under a hard ``timeout`` in seconds (default: the pool's,
-    2 s unless the pool was made with another).
-
-    >>> verify(r"\\frac{1}{2}", "0.5").equal
-    True
-    >>> verify("x = 3", "3").reason
-    'exact'
-    """
-    if not isinstance(prediction, str) or not isinstance(gold, str):
-        prediction = "" if prediction is None else str(prediction)
-        gold = "" if gold is None else str(gold)
-    try:
-        fast = verify_fast(prediction, gold)
-    except RecursionError:
-        return Verdict(False, "too_large")
-    except Exception:  # noqa: BLE001 - never raise for model output: let the worker decide (and report)
-        fast = None
-    if fast is not None:
-        return fast
-    if pool is None:
-        from posttrain.verify.pool import default_pool
-
-        pool = default_pool()
-    return pool.verify(prediction, gold, timeout=timeout)

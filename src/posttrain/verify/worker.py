@@ -10,24 +10,21 @@ timeout) or the operating system ends it early.
 from __future__ import annotations
 
 import os
+import resource
 import sys
-import time
 from multiprocessing.connection import Connection
 
-from posttrain.verify.verifier import Verdict
+from posttrain.verify.verifier import Verdict, verify_symbolic
 
 
 def serve(conn, memory_limit_mb: int | None) -> None:
     try:
         if memory_limit_mb:
-            import resource
-
             limit = memory_limit_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        from posttrain.verify.verifier import verify_symbolic
-
-        import latex2sympy2_extended.latex2sympy2  # noqa: F401 - the fallback parser, so no task pays its import
-        import posttrain.verify.symbolic  # noqa: F401 - import sympy before saying "ready"
+        # sympy and the fallback parser, imported here (under the limit, failures reported) before "ready",
+        # so no task pays for the import
+        import posttrain.verify.symbolic  # noqa: F401
     except BaseException as exc:  # noqa: BLE001 - tell the parent why we cannot work
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
@@ -43,9 +40,6 @@ def serve(conn, memory_limit_mb: int | None) -> None:
         try:
             if op == "verify":
                 res = verify_symbolic(*args)
-            elif op == "sleep":  # used by the tests to simulate a stuck worker
-                time.sleep(args[0])
-                res = Verdict(True, "slept")
             else:
                 res = Verdict(False, f"error:unknown op {op}")
         except MemoryError:

@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
+
+from posttrain import runs
+from posttrain.data.loading import read_jsonl
+from posttrain.evaluation.report import percent
 
 Z95 = 1.959963984540054
 
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path, what=path.name) if path.is_file() else []
 
 
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def _num(x, digits: int = 3) -> str:
@@ -72,11 +71,10 @@ def collect(run_dir: Path, stages) -> dict:
     for st in stages:
         d = run_dir / st.name
         done = _json(d / "DONE") if (d / "DONE").is_file() else None
+        final = runs.final_output(d)
         out["stages"].append({"name": st.name, "command": st.command, "done": done is not None,
                               "seconds": done.get("seconds") if done else None,
-                              "output": (done or {}).get("output") or (
-                                  str(d / "adapter") if (d / "adapter").is_dir() else
-                                  str(d / "model") if (d / "model").is_dir() else None)})
+                              "output": (done or {}).get("output") or (str(final[1]) if final else None)})
         if st.command == "eval":
             m = _json(d / "metrics.json")
             if m:
@@ -103,12 +101,13 @@ def collect(run_dir: Path, stages) -> dict:
 
 
 def _accuracy_table(evals: list[dict]) -> list[str]:
+    pct = partial(percent, unit="%", missing="–")  # this report's cells carry their unit
     lines = ["| evaluated | problems | accuracy | 95% interval | format rate | truncated | mean tokens |",
              "|---|---:|---:|---|---:|---:|---:|"]
     for e in evals:
         lo, hi = e["ci95"]
-        lines.append(f"| {e['label']} | {e['n']} | {_pct(e['accuracy'])} | {_pct(lo)} – {_pct(hi)} | "
-                     f"{_pct(e['format_rate'])} | {_pct(e['truncation_rate'])} | "
+        lines.append(f"| {e['label']} | {e['n']} | {pct(e['accuracy'])} | {pct(lo)} – {pct(hi)} | "
+                     f"{pct(e['format_rate'])} | {pct(e['truncation_rate'])} | "
                      f"{_num(e['mean_completion_tokens'], 1)} |")
     return lines
 
@@ -124,9 +123,9 @@ def _comparison_table(comps: list[dict]) -> list[str]:
     return lines
 
 
-def _sft_table(runs: dict[str, list[dict]]) -> list[str]:
+def _sft_table(stages: dict[str, list[dict]]) -> list[str]:
     lines = ["| stage | steps | first loss | last loss | last val loss | tokens/s |", "|---|---:|---:|---:|---:|---:|"]
-    for name, rows in runs.items():
+    for name, rows in stages.items():
         vals = [r["val_loss"] for r in rows if "val_loss" in r]
         lines.append(f"| {name} | {rows[-1]['step']} | {_num(rows[0].get('loss'))} | {_num(rows[-1].get('loss'))} | "
                      f"{_num(vals[-1]) if vals else '–'} | {_num(_mean([r.get('tokens_per_s') for r in rows]), 0)} |")
@@ -137,9 +136,9 @@ def _reward_names(rows: list[dict]) -> list[str]:
     return sorted({k.split("/")[1] for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
 
 
-def _grpo_table(runs: dict[str, list[dict]]) -> list[str]:
+def _grpo_table(stages: dict[str, list[dict]]) -> list[str]:
     lines = []
-    for name, rows in runs.items():
+    for name, rows in stages.items():
         k = max(1, min(5, len(rows) // 2))
         first, last = rows[:k], rows[-k:]
         lines += [f"GRPO stage `{name}`: {rows[-1]['step']} steps; means over the first and the last {k} steps.", "",
