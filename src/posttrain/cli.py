@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module that registers it
@@ -62,13 +63,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away (| head) shows here, not as a traceback at exit
+        return status
+    except BrokenPipeError:
+        return closed_stdout()
     except UserError as exc:
         print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write no command guards itself (fileops.writing): a full disk is still named
+        from posttrain.fileops import no_space_message
+
+        if no_space_message(exc) is None:
+            raise
+        print(f"posttrain {args.command}: error: {no_space_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"posttrain {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def closed_stdout() -> int:
+    """The reader of our output closed it (``posttrain verify --file x | head -1``): stop quietly, as Unix tools do,
+    with status 141 (128 + SIGPIPE). stdout goes to /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (replaced in tests)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ for k = 1, 2, 4, ... up to ``samples``; its validator fills them in, so a built 
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -32,8 +34,24 @@ class ConfigError(UserError):
     """A recipe or override is invalid; the message says where and what to do."""
 
 
+def _takes_numbers(annotation) -> bool:
+    """Whether a field holds numbers and not booleans: int, float, or a union (tuple) with one of them but no bool."""
+    args = get_args(annotation) or (annotation,)
+    return (int in args or float in args) and bool not in args
+
+
 class Section(BaseModel):
+    """A config section. Bounds are checked at load, so a bad value fails before any model is loaded: floats
+    that must be finite say ``allow_inf_nan=False``, and a YAML ``true`` is never read as the number 1."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value, info: ValidationInfo):
+        if isinstance(value, bool) and _takes_numbers(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class ModelConfig(Section):
@@ -64,12 +82,21 @@ class ModelConfig(Section):
     backend: Literal["hf", "unsloth"] = Field(
         "hf", description="hf: transformers + PEFT; unsloth: Unsloth's FastLanguageModel (extra [unsloth], one GPU)")
 
+    @field_validator("name")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty: give a hub id (Qwen/Qwen3-4B-Base), a local directory, a .gguf file or "
+                             "smollm2-135m-instruct")
+        return v
+
 
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank: the inner dimension of the low-rank update B @ A added to each "
                                          "target layer (a higher rank trains more parameters)")
-    alpha: float = Field(16, description="LoRA scale numerator: the update is multiplied by alpha / r (alpha / "
-                                         "sqrt(r) with use_rslora)")
+    alpha: float = Field(16, gt=0, allow_inf_nan=False,
+                         description="LoRA scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) "
+                                     "with use_rslora)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of the LoRA branch, in [0, 1); "
                                                             "0 keeps GRPO's sampled and trained log-probabilities "
                                                             "identical")
@@ -85,6 +112,15 @@ class LoraConfig(Section):
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="which biases train: none, all of the model's, or lora_only (those of the adapted "
                             "layers), as PEFT's bias option")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v: list[str] | str) -> list[str] | str:
+        names = [v] if isinstance(v, str) else v
+        if not names or not all(n.strip() for n in names):
+            raise ValueError(f"{v!r} names no layer: give module names such as [q_proj, v_proj], or all-linear "
+                             "(lora: null trains every weight instead)")
+        return v
 
 
 class ReasoningMarkers(Section):
@@ -111,7 +147,7 @@ class DataConfig(Section):
     source: Literal["auto", "hub", "file", "generator"] = Field(
         "auto", description="what path is. auto: a file when path ends in .json/.jsonl/.parquet/.csv or exists, a "
                             "generator when it holds a ':', else a hub dataset")
-    path: str = Field(..., description="hub dataset name, local file, or module:function generator")
+    path: str = Field(..., min_length=1, description="hub dataset name, local file, or module:function generator")
     config_name: str | None = Field(None, description="hub dataset configuration (subset); null: its default")
     split: str = Field("train", description="hub dataset split to load")
     format: Literal["auto", "sharegpt", "openai", "prompt_completion", "text", "columns"] = Field(
@@ -155,6 +191,14 @@ class DataConfig(Section):
                        "an integer a count; 0: none. Its loss is logged every train.eval_every steps")
     seed: int = Field(3407, description="seed of the row sample and the train/validation split")
 
+    @field_validator("val_size")
+    @classmethod
+    def _split(cls, v: float | int) -> float | int:
+        if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
+            raise ValueError(f"{v} is neither a fraction in [0, 1) nor a whole number of examples (0: no validation "
+                             "split)")
+        return int(v) if v >= 1 else v
+
 
 class TrainConfig(Section):
     batch_size: int = Field(2, ge=1, description="examples per micro-batch on one process (GRPO: completions, whole "
@@ -163,10 +207,12 @@ class TrainConfig(Section):
                                                  "grad_accum x processes examples (GRPO: completions)")
     max_steps: int = Field(-1, description="optimizer steps to train (GRPO: batches of rollouts); -1: as many as "
                                            "epochs takes")
-    epochs: float = Field(1.0, description="passes over the training data when max_steps is -1 (may be fractional)")
-    lr: float = Field(2e-4, description="peak learning rate, reached after warmup")
-    weight_decay: float = Field(0.0, description="AdamW's decoupled weight decay, on weight matrices only (not on "
-                                                 "biases and norms)")
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False,
+                          description="passes over the training data when max_steps is -1 (may be fractional)")
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate, reached after warmup")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                description="AdamW's decoupled weight decay, on weight matrices only (not on biases "
+                                            "and norms)")
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw: torch's AdamW (eps 1e-8); adamw_8bit: bitsandbytes' 8-bit AdamW (a quarter of "
                              "the optimizer state memory)")
@@ -175,11 +221,12 @@ class TrainConfig(Section):
     scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="learning rate after warmup: linear or cosine decay to 0 at the last step, or "
                               "constant (transformers' schedules)")
-    warmup_steps: int = Field(0, description="steps of linear warmup from 0 to lr; set this or warmup_ratio, not both")
-    warmup_ratio: float = Field(0.0, description="warmup as a fraction of the total steps (rounded up); set this or "
-                                                 "warmup_steps, not both")
-    max_grad_norm: float | None = Field(1.0, description="clip the global gradient norm to this value; null: no "
-                                                         "clipping")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 to lr; set this or warmup_ratio, "
+                                                   "not both")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="warmup as a fraction of the total steps (rounded up); "
+                                                             "set this or warmup_steps, not both")
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False,
+                                        description="clip the global gradient norm to this value; null: no clipping")
     seed: int = Field(3407, description="seed of initialization, data order and (GRPO) sampling")
     packing: bool = Field(False, description="SFT: concatenate examples into rows of data.max_length tokens "
                                              "(first-fit decreasing); no example attends to another")
@@ -193,23 +240,43 @@ class TrainConfig(Section):
         "auto", description="SFT: dtype of the decoder layers' matmuls (autocast; master weights, the head and the "
                             "loss stay float32). auto: bfloat16 on CUDA with bf16 support, float32 on CPU; bfloat16 "
                             "on a CPU with AVX512-BF16/AMX is faster, as TRL's bf16 default is")
-    eval_every: int = Field(0, description="SFT: log the validation loss (data.val_size) every N steps and at the "
-                                           "end; 0: never")
-    save_every: int = Field(0, description="write a resumable checkpoint (checkpoints/step-N) every N steps; 0: "
+    eval_every: int = Field(0, ge=0, description="SFT: log the validation loss (data.val_size) every N steps and at "
+                                                 "the end; 0: never")
+    save_every: int = Field(0, ge=0, description="write a resumable checkpoint (checkpoints/step-N) every N steps; 0: "
                                            "none (Ctrl-C still saves one)")
-    keep_checkpoints: int = Field(2, description="how many of the latest checkpoints to keep (older ones are "
+    keep_checkpoints: int = Field(2, ge=0, description="how many of the latest checkpoints to keep (older ones are "
                                                  "deleted); 0: all")
-    log_every: int = Field(1, description="log the metrics (metrics.jsonl, the console, trackers) every N steps; "
+    log_every: int = Field(1, ge=1, description="log the metrics (metrics.jsonl, the console, trackers) every N steps; "
                                           "the last step is always logged")
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
         default_factory=list, description="trackers that receive the metrics too (extra [track]); []: "
                                           "metrics.jsonl only")
+
+    @field_validator("betas")
+    @classmethod
+    def _decay_rates(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):  # also false for NaN
+            raise ValueError(f"{list(v)}: each decay rate must be in [0, 1) (AdamW's default is [0.9, 0.999])")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("set train.warmup_steps or train.warmup_ratio, not both")
         return self
+
+
+def warn_long_warmup(train: TrainConfig, updates_per_step: int = 1) -> None:
+    """Warn when the warmup lasts the whole run (``max_steps`` known): the learning rate never reaches
+    ``train.lr`` and the first update is made at lr 0, which a one-step smoke run otherwise hides."""
+    updates = train.max_steps * updates_per_step
+    warm = train.warmup_steps or math.ceil(train.warmup_ratio * updates)
+    if train.max_steps > 0 and warm >= updates:
+        key = (f"train.warmup_steps={train.warmup_steps}" if train.warmup_steps
+               else f"train.warmup_ratio={train.warmup_ratio} ({warm} steps)")
+        warnings.warn(f"{key} is not shorter than the run ({updates} optimizer updates, train.max_steps="
+                      f"{train.max_steps}): the learning rate never reaches train.lr={train.lr:g} and the first "
+                      "update uses lr 0. Lower the warmup", stacklevel=2)
 
 
 class StartsFromAdapter(Section):
@@ -230,6 +297,15 @@ LORA = "the LoRA adapter that trains; null: full fine-tuning (every weight train
 DATA = "the training data and how it becomes tokens"
 
 
+def check_output_dir(v: str) -> str:
+    """``output_dir`` is a folder of its own: not empty (the working directory) and not the filesystem root."""
+    if not v.strip():
+        raise ValueError("is empty: name the run directory, e.g. runs/my-run")
+    if Path(v).expanduser().resolve() == Path(Path(v).expanduser().resolve().anchor):
+        raise ValueError(f"{v!r} is the filesystem root; name a run directory such as runs/my-run")
+    return v
+
+
 class SFTRecipe(StartsFromAdapter):
     output_dir: str = Field("runs/sft", description=OUTPUT_DIR)
     model: ModelConfig = Field(..., description=MODEL)
@@ -237,6 +313,13 @@ class SFTRecipe(StartsFromAdapter):
     data: DataConfig = Field(..., description=DATA)
     train: TrainConfig = Field(default_factory=TrainConfig,
                                description="optimizer, schedule, batch sizes, checkpoints and logging")
+
+    _output_dir = field_validator("output_dir")(check_output_dir)
+
+    @model_validator(mode="after")
+    def _warn(self) -> "SFTRecipe":
+        warn_long_warmup(self.train)
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,14 +347,22 @@ class EvalConfig(BaseModel):
         "easy", description="level of the built-in synthetic benchmark: easy, medium, hard, mixed (or 1, 2, 3); "
                             "other benchmarks ignore it")
     # prompting
+    protocol: Literal["boxed-0shot", "gsm8k-8shot", "math-4shot", "lighteval-gsm8k-5shot"] | None = Field(
+        None, description="a published evaluation protocol (prompt text, few-shot exemplars, stop rules, token "
+                          "budget, answer reading) instead of a prompt style, to compare with published numbers: "
+                          "boxed-0shot (DeepSeekMath-Instruct/-RL), gsm8k-8shot and math-4shot (DeepSeekMath-Base), "
+                          "lighteval-gsm8k-5shot (SmolLM2 cards); see posttrain.evaluation.protocols and "
+                          "docs/evaluation.md. null: the prompt style")
     prompt: Literal["boxed", "reasoning", "chat"] = Field(
         "boxed", description="prompt style. boxed: the model's chat template, asking to reason step by step and "
                              "put the answer in \\boxed{}; reasoning: the seeds' GRPO template (reasoning between "
                              "markers, the answer between <SOLUTION> tags), generation stops after the answer; chat: "
                              "the model's chat template with the bare problem, the answer found automatically")
-    template: Literal["tokenizer", "chatml", "qwen3", "reasoning"] | None = Field(
+    template: Literal["tokenizer", "chatml", "qwen3", "reasoning", "plain"] | None = Field(
         None, description="chat template that renders the prompt (as data.template in a recipe); default: "
-                          "reasoning for prompt reasoning, else the model's own (tokenizer)")
+                          "reasoning for prompt reasoning, else the model's own (tokenizer); with a protocol, the "
+                          "protocol's published format. plain (protocols only): no chat template, the prompt text "
+                          "as a base model reads it")
     system_prompt: str | None = Field(
         None, description="system prompt; with the reasoning template it replaces the seeds' one. default: the "
                           "template's own")
@@ -280,7 +371,8 @@ class EvalConfig(BaseModel):
         description="the reasoning style's tags; they must be the ones the model was trained with")
     # decoding
     max_new_tokens: int = Field(
-        1024, ge=1, description="completion budget in tokens; a completion that reaches it counts as truncated")
+        1024, ge=1, description="completion budget in tokens; a completion that reaches it counts as truncated. "
+                                "With a protocol and not given: the protocol's budget")
     batch_size: int = Field(
         16, ge=1, description="sequences per generate call: memory against speed; does not change the results")
     samples: int = Field(
@@ -301,10 +393,16 @@ class EvalConfig(BaseModel):
                        "results do not depend on batching")
     last_number: bool = Field(
         False, description="when a completion has no answer in the prompt style's format, score its last number "
-                           "instead (it still counts as a format failure)")
+                           "instead (it still counts as a format failure). With a protocol and not given: on when "
+                           "the protocol's published reader falls back to the last number")
 
     @model_validator(mode="after")
     def _resolve(self) -> "EvalConfig":
+        if self.protocol is not None and "prompt" in self.model_fields_set:
+            raise ValueError(f"prompt and protocol are both set: protocol {self.protocol} fixes the prompt; drop one")
+        if self.template == "plain" and self.protocol is None:
+            raise ValueError("template plain renders a protocol's plain-text prompt; set protocol, or choose "
+                             "template tokenizer, chatml, qwen3 or reasoning")
         n = self.samples
         if self.temperature is None:
             self.temperature = 0.0 if n == 1 else 0.6
@@ -328,8 +426,10 @@ class EvalConfig(BaseModel):
 
     def to_dict(self) -> dict:
         """The decoding settings as ``metrics.json`` records them. The keys (``prompt_style``, ``n_samples``,
-        ``ks``) are the ones earlier versions wrote, so finished evaluations stay comparable and resumable."""
-        return {"prompt_style": self.prompt, "template": self.template, "system_prompt": self.system_prompt,
+        ``ks``) are the ones earlier versions wrote, so finished evaluations stay comparable and resumable; a
+        ``protocol`` key is added only when one is set."""
+        return {**({"protocol": self.protocol} if self.protocol else {}),
+                "prompt_style": self.prompt, "template": self.template, "system_prompt": self.system_prompt,
                 "markers": self.markers.model_dump(), "max_new_tokens": self.max_new_tokens,
                 "batch_size": self.batch_size, "n_samples": self.samples, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": self.top_k, "ks": list(self.k), "seed": self.seed,

@@ -26,6 +26,7 @@ only. DeepSpeed needs CUDA and is not exercised by CI.
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager, nullcontext
 
@@ -104,17 +105,60 @@ def grad_norm(params, max_norm: float | None) -> float:
     return float(norm)
 
 
-def finish_step(accelerator, model, optimizer, scheduler, max_norm: float | None) -> tuple[float, float]:
-    """Clip, step the optimizer and the scheduler, zero the gradients. -> (grad norm, learning rate used)."""
+class DivergedError(UserError):
+    """A step's loss, gradient norm or updated weights are not finite."""
+
+
+def finish_step(accelerator, model, optimizer, scheduler, max_norm: float | None, *, loss: float, step: int,
+                advice: str) -> tuple[float, float]:
+    """Clip, step the optimizer and the scheduler, zero the gradients. -> (grad norm, learning rate used).
+
+    The one place a diverged step is caught, so that no run ends with exit status 0 and non-finite weights: a
+    non-finite ``loss`` (the step's, summed over processes) or gradient norm raises :class:`DivergedError` before
+    the update, and an update that leaves a trainable weight non-finite (an enormous learning rate) raises it
+    after; the run then stops before anything is saved. ``step`` (1-based) and ``advice`` (what to change) go into
+    the message. DeepSpeed's engine has stepped already and owns its overflow handling: only the loss is checked."""
+    def diverged(what: str) -> DivergedError:
+        return DivergedError(f"{what} at step {step}: training diverged (no checkpoint written for it). {advice}, "
+                             "or resume from the last checkpoint")
+
+    if not math.isfinite(loss):
+        raise diverged(f"loss is {loss}")
     if launch_kind(accelerator) == "deepspeed":  # the engine stepped inside the last backward
         norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
         return float(norm if norm is not None else float("nan")), scheduler.get_last_lr()[0]
-    norm = grad_norm([p for p in model.parameters() if p.requires_grad], max_norm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = grad_norm(params, max_norm)
+    if not math.isfinite(norm):
+        raise diverged(f"the gradient norm is {norm}")
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as exc:  # torch refuses a step size beyond float32 (an lr of 1e38 or so)
+        if "overflow" not in str(exc):
+            raise
+        raise diverged(f"the optimizer step overflowed (learning rate {lr:g}: {exc})") from None
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    bad = nonfinite_tensors(params, accelerator)
+    if bad:
+        raise diverged(f"the update (learning rate {lr:g}) left {bad} of {len(params)} trainable tensors with "
+                       "non-finite values")
     return norm, lr
+
+
+@torch.no_grad()
+def nonfinite_tensors(params: list[torch.Tensor], accelerator=None) -> int:
+    """How many of ``params`` hold a NaN or an infinity, over every process (this process's shard of a DTensor).
+    One summing pass over the weights (a sum is finite unless a value is not, or it overflows float32; the few
+    tensors whose sum is not finite are then checked value by value), about what one more optimizer read costs."""
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in local]).isfinite().tolist() if local else []
+    count = torch.tensor(float(sum(not bool(torch.isfinite(t).all()) for t, ok in zip(local, sums) if not ok)),
+                         dtype=torch.float64)
+    if accelerator is not None and accelerator.num_processes > 1:
+        count = accelerator.reduce(count.to(accelerator.device), reduction="max")
+    return int(count)
 
 
 # ---------------------------------------------------------------------------------------------- gathering
@@ -226,5 +270,6 @@ def sharded_optimizer(model) -> bool:
                 os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
 
 
-__all__ = ["GatheredRollouts", "accelerator_kwargs", "gather_all", "accumulation", "backward", "check_launch", "finish_step", "full_params",
-           "full_trainable_state", "grad_norm", "launch_kind", "load_trainable_state", "prepare", "sharded_optimizer"]
+__all__ = ["DivergedError", "GatheredRollouts", "accelerator_kwargs", "gather_all", "accumulation", "backward",
+           "check_launch", "finish_step", "full_params", "full_trainable_state", "grad_norm", "launch_kind",
+           "load_trainable_state", "nonfinite_tensors", "prepare", "sharded_optimizer"]

@@ -8,7 +8,9 @@ Sampling presets are Qwen's recommendations: ``instruct`` (non-thinking) tempera
 ``thinking`` temperature 0.6, top-p 0.95, top-k 20; both min-p 0. ``greedy`` is temperature 0.
 
 ``generate_file`` writes one output line per input line, in input order, flushing after every batch. A second
-run continues after the last complete line (a torn last line is cut off first). Each line's sample is drawn from
+run continues after the last complete line (a torn last line is cut off first). It never truncates or replaces a
+file it did not write: an ``--output`` that is the ``--input``, or that holds anything but its own earlier output,
+is refused (``--overwrite`` included). Each line's sample is drawn from
 its own random stream keyed by (seed, line index) through the rollout engine, so the output of an interrupted and
 resumed run is the output of an uninterrupted one.
 """
@@ -25,6 +27,7 @@ from typing import Callable, TextIO
 from posttrain import runs
 from posttrain.data.loading import read_jsonl
 from posttrain.errors import UserError
+from posttrain.fileops import writing
 from posttrain.rollout import stop_token_ids
 
 PRESETS = {
@@ -162,6 +165,8 @@ def chat_loop(session: ChatSession, *, read: Callable[[str], str] = input, out: 
         out.write(text)
         out.flush()
 
+    if read is input and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes cost their own line, not the rest of the chunk
     say(f"{HELP}\n")
     while True:
         try:
@@ -169,8 +174,18 @@ def chat_loop(session: ChatSession, *, read: Callable[[str], str] = input, out: 
         except (EOFError, KeyboardInterrupt):
             say("\n")
             return 0
+        except UnicodeDecodeError as exc:  # a strict stdin
+            say(f"[that line is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); it was skipped: type it again]\n")
+            continue
         text = line.strip()
         if not text:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes that are not UTF-8 come through as surrogate escapes
+            ch = text[exc.start]
+            what = f"byte 0x{ord(ch) - 0xdc00:02x}" if "\udc80" <= ch <= "\udcff" else f"U+{ord(ch):04X}"
+            say(f"[that line is not UTF-8 text ({what}); it was skipped: type it again]\n")
             continue
         if text in ("/exit", "/quit"):
             return 0
@@ -222,29 +237,57 @@ def read_prompts(path: Path) -> list[dict]:
 OUTPUT_KEYS = ("index", "completion", "finish_reason", "completion_tokens")
 
 
+def _not_output(raw: bytes, index: int) -> str | None:
+    """Why line ``raw`` is not an output line of ``generate_file`` for input line ``index`` (0-based); None if it
+    is one (whichever input it came from)."""
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(rec, dict) or rec.get("index") != index or "completion" not in rec:
+        return f"not an output line with \"index\": {index} and a \"completion\""
+    return None
+
+
+def _refuse(out_path: Path, line: int, why: str) -> UserError:
+    return UserError(f"--output {out_path} exists and is not the output of an earlier posttrain generate (line {line}: "
+                     f"{why}); it will not be overwritten: choose another --output, or delete it yourself")
+
+
 def completed_lines(out_path: Path, rows: list[dict]) -> int:
-    """How many lines of ``out_path`` are finished outputs of ``rows``, in order; cuts a torn last line off."""
+    """How many lines of ``out_path`` are finished outputs of ``rows``, in order. Only a file that this command
+    wrote for this input is continued, and only its torn last piece (after the last newline: an interrupted write)
+    is cut off; any other non-empty file is refused, never truncated."""
     if not out_path.exists():
         return 0
     data = out_path.read_bytes()
-    good, offset = 0, 0
-    for raw in data.split(b"\n")[:-1]:  # the piece after the last newline is incomplete by definition
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError:
-            break
-        if good >= len(rows) or not isinstance(rec, dict) or rec.get("index") != good:
-            break
-        inp = rows[good]
-        if any(rec.get(k) != v for k, v in inp.items() if k not in OUTPUT_KEYS):
+    *complete, torn = data.split(b"\n")
+    for good, raw in enumerate(complete):
+        why = "it has more lines than --input has prompts" if good >= len(rows) else _not_output(raw, good)
+        if why:
+            raise _refuse(out_path, good + 1, why)
+        rec = json.loads(raw)
+        if any(rec.get(k) != v for k, v in rows[good].items() if k not in OUTPUT_KEYS):
             raise UserError(f"{out_path}: line {good + 1} is not the output of input line {good + 1}; it belongs to "
                             "another input file. Pass --overwrite to start over or choose another --output")
-        good += 1
-        offset += len(raw) + 1
-    if offset < len(data):
+    if torn:
+        head = f'{{"index": {len(complete)},'.encode()  # how every line generate_file writes begins
+        if not (head.startswith(torn) or torn.startswith(head)):
+            raise _refuse(out_path, len(complete) + 1, "an unfinished line that generate did not write")
         with out_path.open("r+b") as f:
-            f.truncate(offset)
-    return good
+            f.truncate(len(data) - len(torn))
+    return len(complete)
+
+
+def _start_over(out_path: Path) -> None:
+    """--overwrite: delete ``out_path`` when it is empty or an earlier output of generate (of any input)."""
+    if not out_path.exists():
+        return
+    first = out_path.read_bytes().split(b"\n", 1)[0]
+    why = _not_output(first, 0) if first else None
+    if why:
+        raise _refuse(out_path, 1, why)
+    out_path.unlink()
 
 
 def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *, sampling: dict,
@@ -257,9 +300,11 @@ def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *
     from posttrain.rollout.hf import HFRolloutEngine
 
     input_path, output_path = Path(input_path), Path(output_path)
+    if output_path.exists() and input_path.exists() and output_path.samefile(input_path):
+        raise UserError(f"--output {output_path} is the --input file; give another --output (the input is kept)")
     rows = read_prompts(input_path)
-    if output_path.exists() and overwrite:
-        output_path.unlink()
+    if overwrite:
+        _start_over(output_path)
     done = completed_lines(output_path, rows)
     if done and progress:
         print(f"[posttrain] {output_path} has {done} of {len(rows)} lines; continuing after line {done}",
@@ -284,7 +329,8 @@ def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *
     output_path.parent.mkdir(parents=True, exist_ok=True)
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=len(rows), initial=done, unit="prompt", desc="generate", disable=not progress, file=sys.stderr)
-    with output_path.open("a") as f:
+    advice = "free some space and run the same command again: it continues after the last complete line"
+    with writing(output_path.parent, str(output_path), advice), output_path.open("a") as f:
         for start in range(done, len(rows), batch_size):
             idx = list(range(start, min(start + batch_size, len(rows))))
             ro = engine.generate([prompt_ids(rows[i]) for i in idx], 1, params, seeds=idx)

@@ -4,21 +4,23 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from huggingface_hub import is_offline_mode
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import UserError
+from posttrain.fileops import remove_tree
 
 # Built-in aliases: models that a registry package ships, so they work without a hub.
 ALIASES = {
@@ -89,7 +91,7 @@ def materialize_alias(alias: str) -> Path:
     tok.save_pretrained(tmp)
     if target.exists():  # another process finished first
 
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, target.parent, ignore_errors=True)
     else:
         tmp.rename(target)
     return target
@@ -121,14 +123,33 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
         return str(p), None
     if name.startswith((".", "/", "~")):
         raise UserError(f"model.name: local path {p} does not exist")
+    close = difflib.get_close_matches(name.lower(), ALIASES, n=1, cutoff=0.8) if "/" not in name else []
+    if close:  # a hub id without an organisation is rare; one a letter away from an alias is a typo
+        raise UserError(f"model.name: unknown model {name!r}; did you mean {close[0]}? (built-in aliases: "
+                        f"{', '.join(ALIASES)}; or give a hub id such as Qwen/Qwen3-4B-Base, a local directory or a "
+                        ".gguf file)")
     return name, None  # hub id
 
 
-def load_tokenizer(source: str, gguf_file: str | None = None, revision: str | None = None,
-                   trust_remote_code: bool = False):
+def load_error(exc: Exception, name: str, what: str = "model.name") -> UserError:
+    """The error for a model or tokenizer that transformers could not load from ``name`` (``what`` is the key
+    or option it came from): while offline, the one likely cause and its fix; else transformers' first line."""
+    if is_offline_mode() and not Path(name).expanduser().exists():
+        return UserError(f"{what}={name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, so it "
+                         "cannot be downloaded: unset HF_HUB_OFFLINE (with internet access) to download it once, or "
+                         "give a local model directory, a .gguf file or the alias smollm2-135m-instruct")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"{what}={name!r} could not be loaded: {first}")
 
+
+def load_tokenizer(source: str, gguf_file: str | None = None, revision: str | None = None,
+                   trust_remote_code: bool = False, what: str = "model.name"):
+    """The tokenizer of ``source`` (a hub id or a local directory; ``what``: where it was named, for errors)."""
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, **kw)
+    except OSError as exc:
+        raise load_error(exc, source, what) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -169,7 +190,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
-        raise UserError(f"model.name={cfg.name!r} could not be loaded: {exc}".split("\n")[0]) from None
+        raise load_error(exc, cfg.name) from None
     if gguf_file:
         _drop_gguf_marker(model)
     if not cfg.load_in_4bit:

@@ -25,6 +25,11 @@ input stage was redone since. An interrupted sft/grpo stage resumes from its lat
 complete checkpoint (``train(cfg, resume=True)``); an interrupted eval resumes through its samples.jsonl; an
 interrupted export is redone. At the end ``RUN/report.md`` (see ``posttrain.pipeline_report``) is written from the
 stages' metrics files.
+
+Nothing outside RUN is touched: a stage name is a plain folder name (``pipeline_config``), every deletion of a
+stage folder goes through ``fileops.remove_tree(..., RUN)``, a second ``posttrain run`` into the same RUN is refused
+by RUN's lock (``runs.RunLock``), and ``RUN/pipeline.yaml`` is written only when a stage starts or the pipeline
+ends, so a rerun that is refused leaves the file that ran the finished stages.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +45,7 @@ import yaml
 
 from posttrain import recipes, runs
 from posttrain.errors import UserError
+from posttrain.fileops import remove_tree
 from posttrain.pipeline_config import StageConfig, parse_pipeline
 
 DONE = "DONE"
@@ -153,9 +158,12 @@ def _run_train(stage: Stage, cfg) -> dict:
         from posttrain.sft import train
     else:
         from posttrain.grpo.loop import train
+    if runs.final_output(stage.dir) is not None:  # killed after its final save, before DONE: training finished
+        print(f"[posttrain] {stage.name}: training finished already ({runs.final_output(stage.dir)[1]})")
+        return {"resumed": True}
     resume = bool(list_checkpoints(stage.dir))
-    if not resume and checkpoints_dir(stage.dir).exists():
-        shutil.rmtree(checkpoints_dir(stage.dir))  # only incomplete checkpoints: nothing to resume from
+    if not resume:  # only incomplete checkpoints: nothing to resume from
+        remove_tree(checkpoints_dir(stage.dir), stage.dir)
     if resume:
         print(f"[posttrain] {stage.name}: resuming from {list_checkpoints(stage.dir)[-1]}")
     train(cfg, resume=resume)
@@ -209,8 +217,25 @@ def run_pipeline(path: str | Path, out: str | Path | None = None, extra: dict[st
     """Run (or continue) the pipeline; returns the run directory, which holds one folder per stage and
     report.md."""
     pipe = load_pipeline(path, out, extra)
-    pipe.run_dir.mkdir(parents=True, exist_ok=True)
-    (pipe.run_dir / "pipeline.yaml").write_text(pipe.path.read_text())
+    with runs.lock_run_dir(pipe.run_dir, "posttrain run"):
+        _run_stages(pipe)
+        if report:
+            from posttrain.pipeline_report import write_report
+
+            path_md = write_report(pipe)
+            print(f"[posttrain] report: {path_md}")
+    return pipe.run_dir
+
+
+def _save_pipeline_file(pipe: Pipeline) -> None:
+    """``RUN/pipeline.yaml``: the file that ran the stages. Written when a stage starts (or at the end), so a
+    rerun that is refused leaves the file of the run that made the directory."""
+    tmp = pipe.run_dir / "pipeline.yaml.tmp"
+    tmp.write_text(pipe.path.read_text())
+    tmp.replace(pipe.run_dir / "pipeline.yaml")
+
+
+def _run_stages(pipe: Pipeline) -> None:
     print(f"[posttrain] pipeline {pipe.path} -> {pipe.run_dir} ({', '.join(s.name for s in pipe.stages)})")
     prev: Path | None = None        # the latest training stage's run directory
     first_model: str | None = None  # the base model of the first training stage
@@ -242,17 +267,18 @@ def run_pipeline(path: str | Path, out: str | Path | None = None, extra: dict[st
                             f"delete {stage.dir} to redo it (and the stages after it), or run into another --out")
         if done is not None and done.get("input") != stamp:
             print(f"{head}: its input stage {prev.name} was redone since; redoing {stage.name}")
-            shutil.rmtree(stage.dir)
+            remove_tree(stage.dir, pipe.run_dir)
             done = None
         if done is not None:
             print(f"{head}: done already, skipped")
         else:
+            _save_pipeline_file(pipe)
             print(f"{head} -> {stage.dir}")
             started = stage.dir / STARTED
             begun = json.loads(started.read_text()) if started.is_file() else None
             if begun is not None and begun != {"fingerprint": fp, "input": stamp}:
                 print(f"{head}: the unfinished run in {stage.dir} had other settings or input; starting it over")
-                shutil.rmtree(stage.dir)
+                remove_tree(stage.dir, pipe.run_dir)
             stage.dir.mkdir(parents=True, exist_ok=True)
             started.write_text(json.dumps({"fingerprint": fp, "input": stamp}) + "\n")
             t0 = time.perf_counter()
@@ -270,13 +296,8 @@ def run_pipeline(path: str | Path, out: str | Path | None = None, extra: dict[st
             gc.collect()
         if stage.command in ("sft", "grpo"):
             prev = stage.dir
+    _save_pipeline_file(pipe)
     print(f"[posttrain] pipeline finished in {time.perf_counter() - t_all:.0f}s")
-    if report:
-        from posttrain.pipeline_report import write_report
-
-        path_md = write_report(pipe)
-        print(f"[posttrain] report: {path_md}")
-    return pipe.run_dir
 
 
 def _first_train_model(pipe: Pipeline) -> str | None:

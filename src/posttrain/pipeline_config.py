@@ -16,6 +16,7 @@ and list the valid keys. :mod:`posttrain.pipeline` runs what :func:`parse_pipeli
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from posttrain.config import EvalConfig, describe_error
 from posttrain.errors import UserError
 
-NAME = "the stage's name, unique in the pipeline; its output goes to RUN/<name>/"
+NAME = ("the stage's name, unique in the pipeline; its output goes to RUN/<name>/, so it is a plain folder name: "
+        "letters, digits, '_', '-' and '.', starting with a letter or digit")
+# a plain folder name: never '.', '..', a path, or a hidden name (a rerun deletes RUN/<name>/ to redo a stage)
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RESERVED = ("report.md", "pipeline.yaml", "plots")
 COMMAND = "what the stage runs: sft, grpo, eval or export; defaults to the stage's name"
 
 
@@ -133,8 +138,12 @@ def _stage_as_written(path: Path, i: int, spec: Any, seen: set[str], extra: dict
     if command not in COMMANDS:
         raise UserError(f"{_where(path, i, name)}: unknown stage command {command!r}; set command: to one of "
                         f"{', '.join(COMMANDS)} (it defaults to the stage's name)")
-    if name in seen or name == "report.md" or "/" in name:
-        raise UserError(f"{_where(path, i, name)}: stage names must be unique directory names; rename it")
+    if not PLAIN_NAME.fullmatch(name) or name in RESERVED:
+        raise UserError(f"{_where(path, i, name)}: a stage name is a plain folder name inside the run directory "
+                        "(letters, digits, '_', '-', '.', starting with a letter or digit; not "
+                        f"{', '.join(RESERVED)}): {name!r} is not one; rename it")
+    if name in seen:
+        raise UserError(f"{_where(path, i, name)}: another stage has this name, and stage names must be unique; rename it")
     for key, value in (extra.pop(name, None) or {}).items():
         spec[key] = list(spec.get("overrides") or []) + list(value) if key == "overrides" else value
     return spec

@@ -6,7 +6,13 @@ grpo: reward, rewards/<name>/mean, completions/mean_length), ``metrics.json`` an
 Accuracy is greedy pass@1 with the Wilson 95% interval of each evaluation. Two evaluations of the same problems
 are also compared pairwise: the difference of accuracies with a 95% interval from the per-problem differences
 (normal approximation, ``mean(d) ± 1.96·sd(d)/√n``), which is what says whether a stage changed accuracy by
-more than the noise of a finite test set. Without matplotlib the tables are written and the plots skipped.
+more than the noise of a finite test set. Published numbers for the benchmark (``posttrain.evaluation.references``)
+stand beside ours, marked where the protocol or the test set differs.
+
+Evaluations with several samples per problem are not accuracy rows: they give pass@k and maj@k at every k up to
+the samples (``posttrain.evaluation.metrics.k_curves`` over ``samples.jsonl``), tabled and drawn as curves, which
+is how a report shows whether RL raised maj@k (sharper) or pass@k (new solutions), as DeepSeekMath asked of GRPO.
+Without matplotlib the tables are written and the plots skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from pathlib import Path
 
 from posttrain import runs
 from posttrain.data.loading import read_jsonl
+from posttrain.evaluation.metrics import k_curves
+from posttrain.evaluation.references import reference_table
 from posttrain.evaluation.report import percent
 
 Z95 = 1.959963984540054
@@ -67,7 +75,7 @@ def paired_difference(before: list[dict], after: list[dict]) -> dict | None:
 
 def collect(run_dir: Path, stages) -> dict:
     """Everything the report shows, as plain data (also written to report.json)."""
-    out: dict = {"stages": [], "evals": [], "sft": {}, "grpo": {}}
+    out: dict = {"stages": [], "evals": [], "sampled": [], "sft": {}, "grpo": {}}
     for st in stages:
         d = run_dir / st.name
         done = _json(d / "DONE") if (d / "DONE").is_file() else None
@@ -78,12 +86,18 @@ def collect(run_dir: Path, stages) -> dict:
         if st.command == "eval":
             m = _json(d / "metrics.json")
             if m:
-                label = st.spec.get("label") or st.name
-                out["evals"].append({"stage": st.name, "label": label, "n": m["n"], "accuracy": m["accuracy"],
-                                     "ci95": m["ci95"], "format_rate": m.get("format_rate"),
-                                     "truncation_rate": m.get("truncation_rate"),
-                                     "mean_completion_tokens": m.get("mean_completion_tokens"),
-                                     "benchmark": m.get("benchmark"), "model": m.get("model")})
+                entry = {"stage": st.name, "label": st.spec.get("label") or st.name, "n": m["n"],
+                         "accuracy": m["accuracy"], "ci95": m["ci95"], "format_rate": m.get("format_rate"),
+                         "truncation_rate": m.get("truncation_rate"),
+                         "mean_completion_tokens": m.get("mean_completion_tokens"),
+                         "benchmark": m.get("benchmark"), "model": m.get("model"),
+                         "protocol": m.get("settings", {}).get("protocol"),
+                         "prompt_style": m.get("settings", {}).get("prompt_style")}
+                if m.get("n_samples", 1) > 1:
+                    out["sampled"].append({**entry, "temperature": m["settings"].get("temperature"),
+                                           **k_curves(_jsonl(d / "samples.jsonl"))})
+                else:
+                    out["evals"].append(entry)
         elif st.command in ("sft", "grpo"):
             rows = _jsonl(d / "metrics.jsonl")
             if rows:
@@ -97,19 +111,69 @@ def collect(run_dir: Path, stages) -> dict:
                                  _jsonl(run_dir / cur["stage"] / "samples.jsonl"))
         if diff:
             out["comparisons"].append({"before": prev["label"], "after": cur["label"], **diff})
+    sampled = out["sampled"]
+    out["sampled_change"] = None
+    if len(sampled) > 1 and sampled[0]["benchmark"] == sampled[-1]["benchmark"]:
+        out["sampled_change"] = paired_difference(_jsonl(run_dir / sampled[0]["stage"] / "samples.jsonl"),
+                                                  _jsonl(run_dir / sampled[-1]["stage"] / "samples.jsonl"))
     return out
+
+
+def _prompt(e: dict) -> str:
+    return f"protocol {e['protocol']}" if e.get("protocol") else f"style {e.get('prompt_style') or '–'}"
 
 
 def _accuracy_table(evals: list[dict]) -> list[str]:
     pct = partial(percent, unit="%", missing="–")  # this report's cells carry their unit
-    lines = ["| evaluated | problems | accuracy | 95% interval | format rate | truncated | mean tokens |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+    lines = ["| evaluated | problems | accuracy | 95% interval | format rate | truncated | mean tokens | prompt |",
+             "|---|---:|---:|---|---:|---:|---:|---|"]
     for e in evals:
         lo, hi = e["ci95"]
         lines.append(f"| {e['label']} | {e['n']} | {pct(e['accuracy'])} | {pct(lo)} – {pct(hi)} | "
                      f"{pct(e['format_rate'])} | {pct(e['truncation_rate'])} | "
-                     f"{_num(e['mean_completion_tokens'], 1)} |")
+                     f"{_num(e['mean_completion_tokens'], 1)} | {_prompt(e)} |")
     return lines
+
+
+def _references(evals: list[dict]) -> list[str]:
+    """The published numbers for each benchmark/protocol/size evaluated, marked against it."""
+    lines, seen = [], set()
+    for e in evals:
+        key = (e["benchmark"], e["n"], e.get("protocol"))
+        table = reference_table(*key, model=e.get("model"))
+        if table and key not in seen:
+            seen.add(key)
+            lines += [f"Published numbers on {e['benchmark']}, beside ours ({e['n']} problems, {_prompt(e)}); "
+                      "read a row as comparable only when its last column says yes:", "", table, ""]
+    return lines
+
+
+def _sampled_table(sampled: list[dict]) -> list[str]:
+    """pass@k and maj@k of each sampled evaluation at k = 1, 2, 4, ... and the largest k."""
+    n_max = max(s["n_samples"] for s in sampled)
+    ks = sorted({*(2 ** i for i in range(n_max.bit_length()) if 2 ** i <= n_max), n_max})
+    head = ["evaluated", "problems × samples", "temperature", *[f"pass@{k}" for k in ks], *[f"maj@{k}" for k in ks]]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|" + "---:|" * (2 * len(ks))]
+    for s in sampled:
+        cells = [percent(s["pass_at_k"][k - 1], "%", "–") if k <= s["n_samples"] else "–" for k in ks]
+        cells += [percent(s["maj_at_k"][k - 1], "%", "–") if k <= s["n_samples"] else "–" for k in ks]
+        lines.append(f"| {s['label']} | {s['n']} × {s['n_samples']} | {_num(s['temperature'], 2)} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def _sampled_change(first: dict, last: dict, paired: dict | None) -> str:
+    """One sentence: how pass@k and maj@k moved from the first sampled evaluation to the last, at k = 1 and max;
+    pass@1 with its paired interval (per problem, pass@1 is the fraction of its samples that are right)."""
+    k = min(first["n_samples"], last["n_samples"])
+    parts = [f"{name}@{kk} {100 * (last[key][kk - 1] - first[key][kk - 1]):+.1f} pts"
+             for kk in sorted({1, k}) for name, key in (("pass", "pass_at_k"), ("maj", "maj_at_k"))]
+    noise = ""
+    if paired:
+        lo, hi = paired["ci95"]
+        noise = (f"; pass@1 paired over {paired['n']} problems: 95% interval {100 * lo:+.1f} to {100 * hi:+.1f} pts"
+                 f", {'beyond' if paired['significant'] else 'within'} noise")
+    return f"From {first['label']} to {last['label']}: " + ", ".join(parts) + noise + "."
 
 
 def _comparison_table(comps: list[dict]) -> list[str]:
@@ -200,6 +264,17 @@ def _plots(data: dict, plot_dir: Path) -> list[tuple[str, str]]:
         ax.set_ylabel("mean completion length (tokens)")
         ax.legend()
         save(fig, "completion_length.png", "GRPO completion length")
+    if data["sampled"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, s in enumerate(data["sampled"]):
+            color = f"C{i}"
+            ax.plot(s["k"], [100 * v for v in s["pass_at_k"]], "o-", color=color, label=f"{s['label']} pass@k")
+            ax.plot(s["k"], [100 * v for v in s["maj_at_k"]], "s--", color=color, label=f"{s['label']} maj@k")
+        ax.set_xlabel("k (samples per problem)")
+        ax.set_ylabel("%")
+        ax.set_xticks(data["sampled"][0]["k"])
+        ax.legend(fontsize=8)
+        save(fig, "pass_maj_at_k.png", "pass@k and maj@k over k, before and after RL")
     if data["evals"]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         labels = [e["label"] for e in data["evals"]]
@@ -239,6 +314,16 @@ def write_report(pipe) -> Path:
         if data["comparisons"]:
             lines += ["Paired differences between consecutive evaluations of the same problems:", ""]
             lines += _comparison_table(data["comparisons"]) + [""]
+        lines += _references(data["evals"])
+    if data["sampled"]:
+        lines += ["## pass@k and maj@k", "", "Sampled evaluations: pass@k is the unbiased estimate that one of k "
+                  "samples is right (pass@1: the mean over all samples), maj@k that the majority answer of the "
+                  "first k samples is (maj@1: the first sample alone). DeepSeekMath found that RL raised maj@k but "
+                  "not pass@k (it sharpened the output distribution rather than adding solutions); these curves "
+                  "show what this run's training did to both.", ""]
+        lines += _sampled_table(data["sampled"]) + [""]
+        if len(data["sampled"]) > 1:
+            lines += [_sampled_change(data["sampled"][0], data["sampled"][-1], data["sampled_change"]), ""]
     if data["sft"]:
         lines += ["## SFT", ""] + _sft_table(data["sft"]) + [""]
     if data["grpo"]:

@@ -2,6 +2,7 @@
 
 A run directory ``RUN`` (``output_dir`` of ``posttrain sft`` / ``grpo``) holds:
 
+    .lock            held while a process writes the run (``RunLock``: one writer per run directory)
     config.yaml      the resolved recipe (``config.save_recipe``); its ``model:`` section says how the base was
                      loaded (hub id, 4-bit or not), which an adapter alone does not record
     metrics.jsonl    one JSON object per logged step (``tracking.MetricsLogger``)
@@ -24,10 +25,13 @@ directory, an adapter directory (``adapter_config.json``; its base is named by `
 from __future__ import annotations
 
 import json
+import os
 import resource
-import shutil
 import signal
+import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +41,13 @@ from pydantic import ValidationError
 
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import UserError
+from posttrain.fileops import remove_tree, tensor_bytes, writing
 from posttrain.models import ALIASES, load_model, load_tokenizer
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are then not protected from a second writer
+    fcntl = None
 
 CONFIG = "config.yaml"
 ADAPTER = "adapter"
@@ -79,18 +89,134 @@ def peak_memory_mb(device: str) -> float:
 
 
 def save_final(model, tokenizer, run_dir: Path, is_peft: bool, state_dict: dict | None = None) -> Path:
-    """The adapter (or full model) and the tokenizer with its chat template, written atomically.
-    ``state_dict``: whole trainable weights gathered from sharded parameters (FSDP2, ZeRO-3)."""
+    """The adapter (or full model) and the tokenizer with its chat template, written atomically (a failed save
+    leaves no ``.tmp-*`` behind and names a full disk). ``state_dict``: whole trainable weights gathered from
+    sharded parameters (FSDP2, ZeRO-3)."""
     name = ADAPTER if is_peft else MODEL
     final = run_dir / name
     tmp = run_dir / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    remove_tree(tmp, run_dir)
+    weights = state_dict if state_dict is not None else {
+        n: p for n, p in model.named_parameters() if p.requires_grad or not is_peft}
+    with writing(run_dir, f"the final {name}/", "free some space, then run the same command with --resume") as w:
+        try:
+            w.need(tensor_bytes(weights))
+            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+            tokenizer.save_pretrained(tmp)
+        except BaseException:
+            remove_tree(tmp, run_dir, ignore_errors=True)
+            w.needed += _tokenizer_bytes(tokenizer)  # for the message: the tokenizer can outweigh an adapter
+            raise
+    remove_tree(final, run_dir)
     tmp.rename(final)
     return final
+
+
+def _tokenizer_bytes(tokenizer) -> int:
+    """About what ``tokenizer.save_pretrained`` writes: its tokenizer.json (0 when it is not a fast tokenizer)."""
+    try:
+        return len(tokenizer.backend_tokenizer.to_str().encode())
+    except Exception:  # noqa: BLE001 - an estimate for a message; a slow tokenizer has no backend
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per run directory
+
+
+LOCK = ".lock"
+_HELD: dict[str, "RunLock"] = {}  # the locks this process holds, by resolved path
+
+
+class RunLock:
+    """An advisory ``fcntl.flock`` on a lock file (``RUN/.lock``) that holds its holder's PID and command, so a
+    second sft/grpo/run/export into the same output stops with a message naming that process.
+
+    The kernel releases a flock when its process dies, kill -9 included: a lock file that exists but is not
+    locked was left by a process that is gone, and is taken over with a message. ``release`` deletes the file
+    (a process that opened it meanwhile notices, because the path then names another file or none, and tries
+    again). Taking a lock this process already holds supersedes the earlier holder: a library user who calls
+    ``train()`` again after an error must not be told that the run directory is in use by themselves. In a
+    multi-process (DDP) run only the main process takes the lock (``session``)."""
+
+    def __init__(self, path: Path, command: str, target: Path | None = None):
+        self.path, self.command = Path(path), command
+        self.target = target or self.path.parent  # what the lock protects, for the message
+        self._fd: int | None = None
+        self._key = ""
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _HELD:
+            _HELD[key].release()
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_lock(fd)
+                os.close(fd)
+                raise UserError(f"{self.target} is in use by another posttrain process ({_describe(holder)}, "
+                                f"holding {self.path}): wait for it to finish or stop it, or choose another "
+                                "output directory") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # released and deleted between our open and our lock: take the new file
+        else:
+            raise UserError(f"could not lock {self.path}: it keeps being replaced; is another process looping on it?")
+        stale = _read_lock(fd)
+        if stale:
+            print(f"[posttrain] {self.path} was left by {_describe(stale)}, which is no longer running (killed?); "
+                  "taking it over", file=sys.stderr, flush=True)
+        record = {"pid": os.getpid(), "command": self.command, "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd, self._key, _HELD[key] = fd, key, self
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        if _HELD.get(self._key) is self:
+            del _HELD[self._key]
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_run_dir(run_dir: str | Path, command: str) -> RunLock:
+    """Take the lock of run directory ``run_dir`` (created if needed) for ``command`` (``posttrain sft``)."""
+    return RunLock(Path(run_dir) / LOCK, command).acquire()
+
+
+def _read_lock(fd: int) -> dict:
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {"pid": "unknown"}
+
+
+def _describe(holder: dict) -> str:
+    where = f" on {holder['host']}" if holder.get("host") not in (None, socket.gethostname()) else ""
+    since = f", started {holder['started']}" if holder.get("started") else ""
+    return f"PID {holder.get('pid', 'unknown')}{where}: {holder.get('command', 'posttrain')}{since}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,10 +340,22 @@ def resolve(path: str, base: str | None = None, adapter: str | None = None) -> S
                       base_from=str(p))
     if p.is_dir() and (p / "adapter_config.json").is_file():
         return _adapter_source(p, base)
+    _refuse_checkpoint(p)
     if p.is_dir() and not (p / "config.json").is_file():
         raise UserError(f"{p} is neither a run directory (config.yaml + adapter/ or model/), an adapter directory "
                         "(adapter_config.json) nor a model directory (config.json)")
     return Source(model=ModelConfig(name=path), base_from="the command line")
+
+
+def _refuse_checkpoint(p: Path) -> None:
+    """A checkpoint (``RUN/checkpoints/step-N``) or the folder of them is training state, not a model: say how to
+    get the model out of it."""
+    step = (p / "state.json").is_file() and (p / "trainable.safetensors").is_file()
+    if p.is_dir() and (step or (p.name == "checkpoints" and is_run_dir(p.parent))):
+        run = p.parents[1] if step else p.parent
+        raise UserError(f"{p} is {'a training checkpoint' if step else 'the checkpoints folder'} of the run {run} "
+                        "(weights with optimizer state, for --resume), not a loadable model. Finish the run with "
+                        f"posttrain sft|grpo RECIPE output_dir={run} --resume, then use {run}")
 
 
 def check_base_exists(src: Source) -> None:

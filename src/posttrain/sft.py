@@ -152,9 +152,9 @@ def _inputs(batch: dict, device: str):
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train(cfg: SFTRecipe, resume: bool = False) -> Path:
+def train(cfg: SFTRecipe, resume: bool = False, allow_changes: list[str] | tuple[str, ...] = ()) -> Path:
     t = cfg.train
-    run = TrainingSession(cfg, resume, "sft")
+    run = TrainingSession(cfg, resume, "sft", allow_changes=allow_changes)
     model, tok = run.load_model()
     train_set, val_set, stats = prepare_sft_data(cfg.data, tok)
     if run.is_main:
@@ -208,10 +208,8 @@ def train(cfg: SFTRecipe, resume: bool = False) -> Path:
                 loss_sum += float(loss.detach()) / run.world
         if run.world > 1:
             loss_sum = float(run.accelerator.reduce(torch.tensor(loss_sum, device=device), reduction="sum"))
-        if not math.isfinite(loss_sum):
-            raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged (no checkpoint written for it). "
-                            f"Lower train.lr (now {t.lr}), check the data, or resume from the last checkpoint")
-        grad_norm, lr = finish_step(run.accelerator, model, optimizer, scheduler, t.max_grad_norm)
+        grad_norm, lr = finish_step(run.accelerator, model, optimizer, scheduler, t.max_grad_norm, loss=loss_sum,
+                                    step=step + 1, advice=f"Lower train.lr (now {t.lr}), check the data")
         dt = time.perf_counter() - t0
 
         metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": lr, "epoch": step / steps_per_epoch,

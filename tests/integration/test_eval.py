@@ -107,7 +107,7 @@ def test_unclosed_answer_is_a_format_failure_not_a_crash():
         ("reasoning", "40 + 2 = 42<end_working_out><SOLUTION>42</SOLUTION>", "stop"),
         ("boxed", "so the answer is \\boxed{42", "length"),                           # truncated box
         ("boxed", "so the answer is \\boxed{42}.", "eos"),
-        ("chat", "I think it is 42", "eos"),                                        # no marked answer
+        ("chat", "I think it could be forty-two, or 42 maybe", "eos"),               # no answer a rule reads
         ("boxed", "so the answer is \\boxed{41}.", "eos"),                          # well formed, wrong
     ]
     with VerifierPool(workers=1) as pool:
@@ -121,11 +121,12 @@ def test_unclosed_answer_is_a_format_failure_not_a_crash():
     assert [r["verdict"] for r in rows] == [False, True, False, True, False, False]
     assert rows[0]["reason"] == "truncated" and rows[4]["reason"] == "no_answer"
     assert rows[5]["reason"] not in ("truncated", "no_answer") and rows[5]["normalized"] == "41"  # a wrong answer votes
+    assert [r["rule"] for r in rows] == ["tags", "tags", "truncated_box", "box", "no_answer", "box"]
     m = summarize(rows)
     assert m["format_rate"] == pytest.approx(3 / 6) and m["truncation_rate"] == pytest.approx(2 / 6)
     with VerifierPool(workers=1) as pool:     # --last-number scores it but it stays a format failure
         row = _score(pool, get_style("chat"), EvalConfig(prompt="chat", last_number=True),
-                     [(p, 0, "prompt", Completion("I think it is 42", 10, "eos"))])[0]
+                     [(p, 0, "prompt", Completion("I think it could be forty-two, or 42 maybe", 10, "eos"))])[0]
     assert row["verdict"] is True and row["format_ok"] is False
 
 

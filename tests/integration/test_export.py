@@ -250,6 +250,9 @@ def test_gguf_tiny_qwen3_q8_0_file_holds_the_merged_model(tiny, tokenizer, tmp_p
     out = tmp_path / "gguf"
     report = export(str(tiny["adapter"]), "gguf", out, quant="q8_0", name="tiny", verify=False)
     assert report["gguf"] == "tiny-q8_0.gguf" and (out / "Modelfile").is_file()
+    modelfile = (out / "Modelfile").read_text()  # names the export folder, not the staging one it was written in
+    assert modelfile.startswith(f"# Ollama: ollama create my-model -f {out.resolve() / 'Modelfile'} ")
+    assert "\nTEMPLATE " in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     meta, tensors = _read_gguf(out / "tiny-q8_0.gguf")
     cfg = json.loads((tiny["base"] / "config.json").read_text())
     assert meta["general.architecture"] == "qwen3" and meta["tokenizer.ggml.pre"] == "qwen2"
@@ -330,10 +333,50 @@ def test_existing_output_is_refused_unless_overwrite(tiny, tmp_path, capsys):
     assert main(["export", str(tiny["adapter"]), "--format", "adapter", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces an earlier export (export.json) or an empty folder, never a folder of someone else's
     assert main(["export", str(tiny["adapter"]), "--format", "adapter", "--out", str(out), "--overwrite",
-                 "--no-verify"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
-    assert not list(tmp_path.glob(".out.*"))  # no leftovers beside it
+                 "--no-verify"]) == 2
+    assert "is not an export made by posttrain (it has no export.json)" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # into the empty folder, then over that export
+        assert main(["export", str(tiny["adapter"]), "--format", "adapter", "--out", str(out), "--overwrite",
+                     "--no-verify"]) == 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "export.json").is_file()
+    assert not list(tmp_path.glob(".out.*"))  # no leftovers beside it: no partial, no old copy, no lock
+
+
+def test_overwrite_never_deletes_the_source_or_a_folder_holding_it(tiny, tmp_path, capsys):
+    """The review's E5/E6: --out equal to the run, or its parent, with --overwrite deleted them (exit 0)."""
+    proj = tmp_path / "proj"
+    run = make_run(proj / "run1", str(tiny["base"]), tiny["adapter"])
+    (proj / "NOTES.md").write_text("precious")
+    before = sorted(str(p.relative_to(proj)) for p in proj.rglob("*"))
+    cases = {run: "is the source", proj: "contains the source", tmp_path: "contains the source",
+             run / "adapter" / "exp": f"is inside {run / 'adapter'}, which this export reads"}
+    for out, why in cases.items():
+        assert main(["export", str(run), "--format", "adapter", "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
+    assert sorted(str(p.relative_to(proj)) for p in proj.rglob("*")) == before
+    assert main(["export", str(run), "--format", "adapter", "--out", str(run / "export" / "adapter"),
+                 "--no-verify"]) == 0  # inside the run directory (the convention RUN/export/FORMAT) is fine
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_second_export_into_the_same_out_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "merged"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom posttrain.runs import RunLock\n"
+                               "RunLock(sys.argv[1], 'posttrain export').acquire(); print('locked', flush=True); "
+                               "time.sleep(120)", str(tmp_path / ".merged.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["export", str(tiny["adapter"]), "--format", "merged", "--out", str(out)]) == 2
+        assert f"in use by another posttrain process (PID {holder.pid}: posttrain export" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
 
 
 def test_killed_export_leaves_nothing_that_looks_complete(tiny, tmp_path):

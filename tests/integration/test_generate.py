@@ -98,3 +98,38 @@ def test_cli_resumes_with_progress(tiny, tmp_path):
     assert "continuing after line 4" in proc.stderr and "2 generated, 4 already done" in proc.stdout
     assert "generate" in proc.stderr and "prompt" in proc.stderr  # the progress bar
     assert out.read_text() == full.read_text()
+
+
+def test_a_file_that_is_not_its_own_output_is_never_truncated(tiny, tmp_path):
+    """The review's G4-G6: notes, an unrelated dataset and the input itself were emptied with exit 0."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nline two\n")
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_text("".join(json.dumps({"question": f"q{i}", "answer": i}) + "\n" for i in range(20)))
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("no newline at the end")
+    for path in (notes, dataset, one_line):
+        before = path.read_bytes()
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=rf"--output {path} exists and is not the output of an earlier "
+                                                r"posttrain generate \(line 1: .*\); it will not be overwritten"):
+                run(tiny, path, overwrite=overwrite)
+            assert path.read_bytes() == before
+    inp = tiny["input"].read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="is the --input file; give another --output"):
+            run(tiny, tiny["input"], overwrite=overwrite)
+    assert tiny["input"].read_bytes() == inp
+
+
+def test_a_damaged_line_inside_an_earlier_output_is_refused_not_cut(tiny, tmp_path):
+    """Only the torn last piece (no newline) is cut; a bad complete line means the file is not ours to truncate."""
+    out = tmp_path / "out.jsonl"
+    run(tiny, out)
+    lines = out.read_text().splitlines()
+    damaged = "\n".join(lines[:2] + ["garbage"] + lines[3:]) + "\n"
+    out.write_text(damaged)
+    with pytest.raises(UserError, match=r"line 3: not JSON"):
+        run(tiny, out)
+    assert out.read_text() == damaged
+

@@ -275,10 +275,11 @@ def test_init_adapter_continue_and_merge(tiny_qwen3, tmp_path):
     that does not match the adapter it would continue is an error."""
     train(recipe(tiny_qwen3, tmp_path / "sft", "train.max_steps=1"), reward_funcs=[low_ids])
     sft = adapter(tmp_path / "sft")
-    train(recipe(tiny_qwen3, tmp_path / "cont", "train.max_steps=1", "train.lr=0", f"init_adapter={tmp_path / 'sft/adapter'}"),
-          reward_funcs=[low_ids])
+    # the one step is the first of a warmup (lr 0; train.lr=0 is refused at load)
+    train(recipe(tiny_qwen3, tmp_path / "cont", "train.max_steps=1", "train.warmup_steps=1",
+                 f"init_adapter={tmp_path / 'sft/adapter'}"), reward_funcs=[low_ids])
     assert_close(adapter(tmp_path / "cont"), sft, 0.0)
-    train(recipe(tiny_qwen3, tmp_path / "merge", "train.max_steps=1", "train.lr=0", "init_adapter_mode=merge",
+    train(recipe(tiny_qwen3, tmp_path / "merge", "train.max_steps=1", "train.warmup_steps=1", "init_adapter_mode=merge",
                  f"init_adapter={tmp_path / 'sft/adapter'}"), reward_funcs=[low_ids])
     fresh = adapter(tmp_path / "merge")
     assert all(v.abs().sum() == 0 for k, v in fresh.items() if "lora_B" in k)  # a new adapter on the merged base

@@ -5,10 +5,13 @@ checkpoint (and the eval after it is redone); bad pipeline files get errors that
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from posttrain import recipes
@@ -193,3 +196,36 @@ def test_ctrl_c_in_a_stage_then_rerun_continues(tiny_qwen3, tmp_path):
     run_pipeline(pipe, out=run)
     steps = [r["step"] for r in rows(run / "sft" / "metrics.jsonl")]
     assert steps == list(range(1, 13)) and (run / "sft" / "DONE").is_file()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../x", ".hidden", "report.md", "pipeline.yaml", "a\\b", "-x"])
+def test_a_stage_name_is_a_plain_folder_name(tmp_path, name):
+    """The review's C6: a stage named '..' made a rerun delete the run's parent folder."""
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump({"stages": [{"name": name, "command": "eval", "benchmark": "synthetic"}]}))
+    with pytest.raises(UserError, match=r"stages\[0\] .*: a stage name is a plain folder name inside the run "
+                                        r"directory .*; rename it"):
+        load_pipeline(p)
+
+
+def test_a_refused_rerun_keeps_pipeline_yaml_and_a_second_runner_is_refused(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("model: m\nstages:\n  - {name: eval_base, command: eval, benchmark: synthetic, limit: 2}\n")
+    run = tmp_path / "run"
+    (run / "eval_base").mkdir(parents=True)
+    (run / "pipeline.yaml").write_text("# the file that ran the finished stage\n")
+    (run / "eval_base" / "DONE").write_text(json.dumps({"fingerprint": "of other settings"}))
+    with pytest.raises(UserError, match="eval_base .* was finished with a different recipe or settings"):
+        run_pipeline(p, out=run)
+    assert (run / "pipeline.yaml").read_text() == "# the file that ran the finished stage\n"
+    assert not (run / ".lock").exists()  # released on the way out
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom posttrain.runs import lock_run_dir\n"
+                               "lock_run_dir(sys.argv[1], 'posttrain run'); print('locked', flush=True); "
+                               "time.sleep(120)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"{run} is in use by another posttrain process \(PID {holder.pid}"):
+            run_pipeline(p, out=run)
+    finally:
+        holder.kill()
+        holder.wait()

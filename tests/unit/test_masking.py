@@ -93,7 +93,7 @@ def test_sharegpt_aliases_are_standardized():
     out = standardize(rows, "auto")
     assert out[0]["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert [m["role"] for m in out[1]["messages"]] == ["system", "user", "assistant"]
-    with pytest.raises(UserError, match="row 0: unknown role 'robot'"):
+    with pytest.raises(UserError, match="row 1: unknown role 'robot'"):
         standardize([{"messages": [{"role": "robot", "content": "x"}]}], "openai", source="f.jsonl")
 
 
@@ -107,10 +107,10 @@ def test_filters_numeric_answers_length_and_sampling(tok, tmp_path):
                      max_length=90, train_on="all", columns={"problem": "problem"})
     train, val, stats = prepare_sft_data(cfg, tok)
     assert stats.dropped_non_numeric == 2
-    assert stats.dropped_too_long == 2  # rows 1 and 5 have the long solution; row 3 is non-numeric
-    assert [e["row"] for e in train] == [0, 2]
+    assert stats.dropped_too_long == 2  # rows 2 and 6 (1-based, as the file's lines) have the long solution
+    assert [e["row"] for e in train] == [1, 3]
     cfg.drop_long = False
-    with pytest.raises(UserError, match="omr.jsonl row 1: .* tokens exceeds data.max_length=90"):
+    with pytest.raises(UserError, match="omr.jsonl row 2: .* tokens exceeds data.max_length=90"):
         prepare_sft_data(cfg, tok)
     cfg.drop_long, cfg.max_length = True, 10
     with pytest.raises(UserError, match="no examples left after filtering"):

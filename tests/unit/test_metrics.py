@@ -89,3 +89,20 @@ def test_summarize_hand_computed():
 def test_summarize_rejects_ragged_samples():
     with pytest.raises(ValueError, match="sample counts"):
         summarize([_row("a", 0, True, "1"), _row("b", 0, True, "1"), _row("b", 1, True, "1")])
+
+
+def test_k_curves_by_hand():
+    from posttrain.evaluation.metrics import k_curves
+
+    def rows(pid, verdicts, answers):
+        return [{"id": pid, "sample": i, "verdict": v, "normalized": a, "format_ok": True, "truncated": False,
+                 "completion_tokens": 5} for i, (v, a) in enumerate(zip(verdicts, answers))]
+
+    # a: 1 of 4 right, its right answer never the majority; b: 3 of 4 right, the majority right from k = 1
+    data = rows("a", [False, True, False, False], ["1", "2", "1", "3"]) + \
+        rows("b", [True, True, False, True], ["5", "5", "4", "5"])
+    c = k_curves(data)
+    assert c["k"] == [1, 2, 3, 4] and c["n"] == 2 and c["n_samples"] == 4
+    # a: 1/4, 1 - C(3,2)/C(4,2) = 1/2, 1 - C(3,3)/C(4,3) = 3/4, 1; b: 3/4, then 1 (fewer than k wrong)
+    assert c["pass_at_k"] == pytest.approx([(0.25 + 0.75) / 2, (0.5 + 1) / 2, (0.75 + 1) / 2, 1.0])
+    assert c["maj_at_k"] == pytest.approx([0.5, 0.5, 0.5, 0.5])   # a's vote: "1" (ties go to the first seen)

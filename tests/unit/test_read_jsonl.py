@@ -34,6 +34,9 @@ def test_unreadable_files_name_the_option(tmp_path):
     with pytest.raises(UserError, match=r"--file .*missing.jsonl: cannot open \(No such file or directory\)"):
         read_jsonl(tmp_path / "missing.jsonl", what="--file")
     p = tmp_path / "latin1.jsonl"
-    p.write_bytes('{"name": "café"}\n'.encode("latin-1"))
-    with pytest.raises(UserError, match=r"data.path .*latin1.jsonl: not UTF-8 text .*save it as UTF-8"):
+    p.write_bytes('{"name": "ok"}\n\n{"name": "café"}\n'.encode("latin-1"))  # the bad byte is on line 3
+    with pytest.raises(UserError, match=r"data.path .*latin1.jsonl:3: not UTF-8 text \(byte 0xe9 at byte 14 of the "
+                                        r"line\); save the file as UTF-8"):
         read_jsonl(p)
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\r\n')  # a byte-order mark and CRLF line ends are fine
+    assert read_jsonl(p) == [{"a": 1}, {"a": 2}]

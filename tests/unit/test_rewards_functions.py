@@ -216,3 +216,23 @@ def test_soft_overlong_matches_dapo_formula():
         so(None, ["x"])
     with pytest.raises(ValueError, match="cache_length"):
         SoftOverlong(max_length=10, cache_length=20)
+
+
+def test_answer_tiers_with_the_verifier_reads_answers_as_math_accuracy_does():
+    prompts = [f"Q{RS}"] * 4
+    comps = [f"w{RE}{SS}" + r"\frac{1}{2}" + SE, f"w{RE}{SS}1,234{SE}", f"w{RE}{SS}41{SE}", f"w{RE}{SS}42{SE}"]
+    answers = ["0.5", "1234", "42", "42"]
+    assert AnswerTiers()(prompts, comps, answer=answers) == [-4.5, -4.5, 2.0, 5.0]  # the notebook's scale
+    assert AnswerTiers(verifier=True)(prompts, comps, answer=answers) == [3.5, 3.5, 2.0, 5.0]
+    fe, fa, at, nm = get_reward_funcs([{"name": "unsloth_math", "verifier": True}])
+    assert at(prompts, comps, answer=answers) == [3.5, 3.5, 2.0, 5.0]
+    assert fe(prompts, comps, answer=answers) == FormatExact()(prompts, comps, answer=answers)
+
+
+def test_math_accuracy_reads_free_text_and_counts_it(pool):
+    acc = MathAccuracy(pool=pool)
+    comps = ["Therefore the largest n is 34.", r"We find $a+b = -1+5 = 4$.", "<think>so \\boxed{4}", r"\boxed{4}"]
+    assert acc(None, comps, answer=["34", "4", "4", "4"]) == [1.0, 1.0, 0.0, 1.0]
+    m = acc.metrics()
+    assert m["free_text"] == 2 and m["no_answer"] == 1
+    assert MathAccuracy(style="boxed", pool=pool)(None, comps[:2], answer=["34", "4"]) == [0.0, 0.0]

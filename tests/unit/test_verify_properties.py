@@ -110,3 +110,42 @@ def test_every_parseable_answer_equals_itself_in_another_spelling(pool, a):
 @given(a=exprs, b=exprs)
 def test_symmetric_on_expressions(pool, a, b):
     assert verify(a, b, pool=pool).equal == verify(b, a, pool=pool).equal
+
+
+# ---------------------------------------------------------------- issue 17 item 9: different numbers are never equal
+def _huge_atoms():
+    bases = st.integers(2, 60)
+    return st.one_of(
+        st.builds(lambda b, e: f"{b}^{{{e}}}", bases, st.integers(30_000, 10**9)),  # past the in-process caps
+        st.builds(lambda b, e: f"{b}^{{10^{{{e}}}}}", bases, st.integers(5, 40)),
+        st.builds(lambda b, c, d: f"{b}^{{{c}^{{{d}}}}}", bases, st.integers(2, 9), st.integers(5, 9)),  # towers
+        st.builds(lambda n: f"{n}!", st.integers(6_000, 10**7)),
+        st.builds(lambda b, e: rf"\frac{{1}}{{{b}^{{{e}}}}}", bases, st.integers(30_000, 10**6)),  # tiny
+    )
+
+
+huge = st.recursive(_huge_atoms(), lambda c: st.one_of(
+    st.tuples(c, c).map(lambda t: f"{t[0]}+{t[1]}"),
+    st.tuples(st.integers(2, 9), c).map(lambda t: rf"{t[0]}\cdot {t[1]}"),
+    c.map(lambda x: f"-({x})"),
+    c.map(lambda x: f"({x})^{{2}}"),
+), max_leaves=3)
+
+
+@SETTINGS
+@given(x=huge, delta=st.sampled_from(["+1", "-1", "+5", "-5", r"\cdot 2", r"\cdot 3", r"\cdot 1.0001"]))
+def test_a_huge_number_never_equals_a_different_one(pool, x, delta):
+    """x vs x+1, x-5, 2x...: never equal, whatever the magnitude (too large to decide is "not equal")."""
+    other = f"({x}){delta}"
+    for a, b in ((x, other), (other, x), (rf"\boxed{{{x}}}", other)):
+        v = verify(a, b, pool=pool)
+        assert not v.equal, (a[:80], b[:80], v)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2_001, 120_000), prefix=st.sampled_from("123456789"), a=st.integers(0, 9), b=st.integers(0, 9))
+def test_long_numbers_sharing_a_prefix_are_compared_whole(pool, n, prefix, a, b):
+    x, y = prefix * n + str(a), prefix * n + str(b)
+    assert verify(x, y, pool=pool).equal is (a == b)
+    assert verify(rf"\boxed{{{x}}}", y, pool=pool).equal is (a == b)
+    assert verify(f"The final answer is {x}.", y, pool=pool).equal is (a == b)

@@ -20,6 +20,13 @@ prompt styles (--prompt):
   reasoning  the seeds' GRPO template (<start_working_out> ... <SOLUTION>answer</SOLUTION>), stops on </SOLUTION>
   chat       the model's chat template with the bare problem; the answer is found automatically
 
+published protocols (--protocol; instead of --prompt; prompt text, exemplars, stops, budget and reading of a
+published number, which is printed beside ours and marked where protocol or test set differ; docs/evaluation.md):
+  boxed-0shot            zero-shot CoT, answer in \\boxed{} (DeepSeekMath-Instruct/-RL), chat template, 1024 tokens
+  gsm8k-8shot            GSM8K 8-shot CoT, Wei et al.'s exemplars (DeepSeekMath-Base), plain text, 1024 tokens
+  math-4shot             MATH 4-shot Minerva CoT (DeepSeekMath-Base; Qwen3-Base reports 4-shot), plain text
+  lighteval-gsm8k-5shot  GSM8K 5-shot of the SmolLM2 model cards (lighteval), chat template, 256 tokens
+
 outputs: with one model and one benchmark, --out DIR receives metrics.json, samples.jsonl, eval_config.json;
 with several, DIR/<model>/<benchmark>/ each, plus DIR/comparison.md. A rerun with the same --out resumes.
 
@@ -28,6 +35,7 @@ examples:
   posttrain eval --model Qwen/Qwen3-4B-Base --adapter runs/sft --adapter runs/grpo --adapter none \\
       --benchmark math500 --prompt reasoning --max-new-tokens 2048 --out runs/compare
   posttrain eval --model runs/sft/model --benchmark aime24 --samples 16 --k 1 4 16 --temperature 0.6
+  posttrain eval --model deepseek-ai/deepseek-math-7b-base --benchmark gsm8k --protocol gsm8k-8shot
 """
 
 
@@ -54,6 +62,7 @@ def add_parser(sub) -> None:
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/eval/<model>/<benchmark>)")
 
     g = p.add_argument_group("prompting and decoding")
+    _setting(g, "--protocol", choices=_choices("protocol"))
     _setting(g, "--prompt", choices=_choices("prompt"))
     _setting(g, "--template", choices=_choices("template"))
     _setting(g, "--system-prompt")
@@ -65,7 +74,7 @@ def add_parser(sub) -> None:
     _setting(g, "--top-p", type=float)
     _setting(g, "--top-k", type=int)
     _setting(g, "--seed", type=int)
-    _setting(g, "--last-number", action="store_true")
+    _setting(g, "--last-number", action=argparse.BooleanOptionalAction)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
@@ -134,6 +143,7 @@ def run(args) -> int:
     from posttrain import runs
     from posttrain.errors import UserError
     from posttrain.evaluation import evaluate, load_benchmark
+    from posttrain.evaluation.references import reference_table
     from posttrain.evaluation.report import comparison_table, group_table, metrics_line
 
     pairs = _pairs(args)
@@ -179,6 +189,12 @@ def run(args) -> int:
         del model
         gc.collect()
     table = comparison_table(results)
+    prompt = f"protocol {settings.protocol}" if settings.protocol else f"prompt {settings.prompt}"
+    bare = pairs[0][0] if len(pairs) == 1 and not pairs[0][1] else None  # a bare model may be a published one
+    for bench in benches:  # the published numbers, each marked against this evaluation
+        refs = reference_table(bench.name, len(bench), settings.protocol, model=bare)
+        if refs:
+            table += f"\n\nPublished numbers on {bench.name} ({len(bench)} problems here, {prompt}):\n\n{refs}"
     print(table)
     if not single:
         root.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="path to a recipe .yaml, or a shipped name like tiny/grpo (see posttrain recipes)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides, e.g. grpo.beta=0.04 grpo.loss_type=grpo train.lr=1e-5")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in output_dir, with the run's recipe")
+    p.add_argument("--allow-changes", metavar="KEYS", action="append", default=[],
+                   help="with --resume: accept these changed recipe keys or sections, comma-separated (e.g. "
+                        "train.max_steps,data); config.yaml records them and the step they start at")
     p.set_defaults(func=run)
 
 
@@ -35,5 +39,10 @@ def run(args) -> int:
     from posttrain.grpo.config import GRPORecipe
 
     cfg = load_recipe(args.recipe, args.overrides, GRPORecipe)
-    train(cfg, resume=args.resume)
+    allow = [k.strip() for item in args.allow_changes for k in item.split(",") if k.strip()]
+    if allow and not args.resume:
+        from posttrain.errors import UserError
+
+        raise UserError("--allow-changes goes with --resume (it accepts changes to the recipe of the run resumed)")
+    train(cfg, resume=args.resume, allow_changes=allow)
     return 0

@@ -11,6 +11,7 @@ from posttrain import recipes
 # --fast: a smoke run of every stage (a minute or two), not a result
 FAST = {
     "eval_base": {"limit": 8}, "eval_sft": {"limit": 8}, "eval_grpo": {"limit": 8},
+    "sample_sft": {"limit": 4}, "sample_grpo": {"limit": 4},
     "sft": {"overrides": ["train.max_steps=2", "train.eval_every=0", "train.save_every=0"]},
     "grpo": {"overrides": ["train.max_steps=1", "train.save_every=0", "grpo.log_completions_every=0"]},
 }
@@ -25,7 +26,8 @@ def add_parser(sub) -> None:
                     "and write report.md. About 6 minutes on a 2-core CPU; rerun to continue an interrupted run.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/quickstart, runs/quickstart-fast with --fast)")
-    p.add_argument("--fast", action="store_true", help="a smoke run: 2 SFT steps, 1 GRPO step, 8 eval problems")
+    p.add_argument("--fast", action="store_true", help="a smoke run: 2 SFT steps, 1 GRPO step, 8 eval problems "
+                                                         "(4 for the sampled evals)")
     p.set_defaults(func=run)
 
 

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 import time
 
@@ -27,15 +29,36 @@ def add_parser(subparsers) -> None:
     p.add_argument("gold", nargs="?", help="the gold answer")
     p.add_argument("--file", help="JSONL file of {\"prediction\": ..., \"gold\": ...} lines (other fields kept)")
     p.add_argument("--out", help="write the JSONL results here instead of stdout (with --file)")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds per pair for symbolic checks (default 2)")
-    p.add_argument("--workers", type=int, default=None, help="verifier worker processes (default: up to 4)")
+    p.add_argument("--timeout", type=positive_seconds, default=2.0,
+                   help="seconds per pair for symbolic checks (default 2)")
+    p.add_argument("--workers", type=positive_int, default=None, help="verifier worker processes (default: up to 4)")
     p.add_argument("--json", action="store_true", help="print the single verdict as JSON")
     p.set_defaults(func=run)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse reports the option and the value otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (nan and inf are refused, not silently used)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number of seconds above 0")
+    return value
+
+
 def run(args) -> int:
-    if args.timeout <= 0:
-        raise UserError(f"--timeout must be positive, got {args.timeout}")
     if args.file:
         if args.prediction is not None:
             raise UserError("give either PREDICTION GOLD or --file, not both")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import importlib.util
 import json
@@ -55,16 +56,27 @@ def read_jsonl(path: str | Path, what: str = "data.path",
     ``check(row)`` returns what is wrong with a row, or None; it is reported with the row's line."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = utf8_text(p.read_bytes(), f"{what} {p}")
     except OSError as exc:
         raise UserError(f"{what} {p}: cannot open ({exc.strerror}); check the path") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {p}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     rows = []
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if line.strip():
             rows.append(_json_object(line, f"{p}:{lineno}", what, check))
     return rows
+
+
+def utf8_text(data: bytes, where: str) -> str:
+    """``data`` decoded as UTF-8 (a byte-order mark dropped, line ends made ``\\n`` as ``read_text`` does), or a
+    ``UserError`` naming ``where`` (the file), the 1-based line and the byte."""
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        offset = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise UserError(f"{where}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at byte {offset} of the line); "
+                        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _json_object(line: str, where: str, what: str, check: Callable[[dict], str | None] | None) -> dict:
@@ -82,6 +94,8 @@ def _json_object(line: str, where: str, what: str, check: Callable[[dict], str |
 
 
 def read_file(path: str | Path) -> list[dict]:
+    """The rows of a local data file. Every way a file can be unreadable (bad bytes, bad JSON, a damaged CSV or
+    Parquet file) is a ``UserError`` naming the file, and the line where the format has lines."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data.path: file not found: {p}")
@@ -90,18 +104,34 @@ def read_file(path: str | Path) -> list[dict]:
         return read_jsonl(p)
     if suffix == ".json":
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(utf8_text(p.read_bytes(), f"data.path {p}"))
         except json.JSONDecodeError as exc:
-            raise UserError(f"{p}: not valid JSON ({exc})") from None
+            raise UserError(f"data.path {p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         if not all(isinstance(r, dict) for r in data):
-            raise UserError(f"{p}: expected a list of JSON objects")
+            raise UserError(f"data.path {p}: expected a list of JSON objects")
         return data
     if suffix in (".parquet", ".csv"):
-        import pandas as pd
-
-        df = pd.read_parquet(p) if suffix == ".parquet" else pd.read_csv(p)
-        return df.to_dict(orient="records")
+        return _read_table(p, suffix)
     raise UserError(f"data.path {p}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet or .csv")
+
+
+def _read_table(p: Path, suffix: str) -> list[dict]:
+    """A CSV or Parquet file's rows; a file pandas (or pyarrow) cannot parse is named with the parser's reason."""
+    import pandas as pd
+
+    kind = "Parquet" if suffix == ".parquet" else "CSV"
+    try:
+        df = pd.read_parquet(p) if suffix == ".parquet" else pd.read_csv(p, encoding="utf-8")
+    except ImportError as exc:
+        raise UserError(f"data.path {p}: reading {kind} needs {exc.name or 'pyarrow'}: pip install pyarrow") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"data.path {p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save the CSV as "
+                        "UTF-8") from None
+    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types; all mean "this file is damaged"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"data.path {p}: not a readable {kind} file ({type(exc).__name__}: {reason}); check that "
+                        f"it is complete and really {kind}") from None
+    return df.to_dict(orient="records")
 
 
 def load_rows(cfg: DataConfig) -> list[dict]:

@@ -9,7 +9,8 @@
   problem the proportion is the mean per-problem pass@1, and the interval is Wilson's with the fractional success
   count ``sum(c_i / n)`` over the N problems: a per-problem score in [0, 1] with mean p has variance at most
   p(1 - p), so this is conservative and, unlike a normal interval, never collapses to a point at 0 or 1.
-- ``summarize(rows, ks)``: all of the above from ``samples.jsonl`` rows (one row per sample).
+- ``summarize(rows, ks)``: all of the above from ``samples.jsonl`` rows (one row per sample); ``k_curves(rows)``:
+  pass@k and maj@k at every k up to the samples per problem, for plotting.
 """
 
 from __future__ import annotations
@@ -134,3 +135,17 @@ def summarize(rows: Iterable[dict], ks: Sequence[int] = (1,), group_by: Sequence
     if groups:
         out["by"] = groups
     return out
+
+
+def k_curves(rows: Iterable[dict]) -> dict:
+    """pass@k and maj@k for every k from 1 to the samples per problem, from ``samples.jsonl`` rows: the curves
+    DeepSeekMath drew for its SFT and RL models (RL raised maj@k, not pass@k: a policy that only sharpens its
+    output distribution moves maj@k; one that finds new solutions moves pass@k at large k). Returns
+    ``{"n", "n_samples", "k": [...], "pass_at_k": [...], "maj_at_k": [...]}``."""
+    rows = list(rows)
+    per_problem = Counter(str(r["id"]) for r in rows)
+    n_samples = max(per_problem.values(), default=0)
+    m = summarize(rows, ks=range(1, n_samples + 1), group_by=())
+    ks = list(range(1, n_samples + 1))
+    return {"n": m["n"], "n_samples": m["n_samples"], "k": ks, "pass_at_k": [m["pass_at_k"][str(k)] for k in ks],
+            "maj_at_k": [m["maj_at_k"][str(k)] for k in ks]}

@@ -12,7 +12,8 @@ generation may stop early.
 
 The boxed instruction is the one Qwen2.5-Math and DeepSeek-R1 report their numbers with. A completion is
 *format compliant* when its style's answer is there and closed (a truncated ``\\boxed{`` or an unclosed
-``<SOLUTION>`` is a format failure, never a crash).
+``<SOLUTION>`` is a format failure, never a crash). The published protocols (few-shot exemplars, their stop rules
+and readers) are :mod:`posttrain.evaluation.protocols`; an evaluation uses either a style or a protocol.
 """
 
 from __future__ import annotations

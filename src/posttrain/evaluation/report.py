@@ -1,4 +1,5 @@
-"""Human-readable summaries of evaluation metrics: one line per run and a comparison table (Markdown)."""
+"""Human-readable summaries of evaluation metrics: one line per run and a comparison table (Markdown). The published
+numbers that stand beside them are :mod:`posttrain.evaluation.references`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ def metrics_line(m: dict) -> str:
     lo, hi = m["ci95"]
     extra = "".join(f" pass@{k} {percent(v)}%" for k, v in m.get("pass_at_k", {}).items() if k != "1")
     extra += "".join(f" maj@{k} {percent(v)}%" for k, v in m.get("maj_at_k", {}).items() if k != "1")
-    return (f"{m['benchmark']}: accuracy {percent(m['accuracy'])}% (95% CI {percent(lo)}-{percent(hi)}, n={m['n']}"
+    protocol = m.get("settings", {}).get("protocol")
+    name = f"{m['benchmark']} ({protocol})" if protocol else m["benchmark"]
+    return (f"{name}: accuracy {percent(m['accuracy'])}% (95% CI {percent(lo)}-{percent(hi)}, n={m['n']}"
             f"{'' if m.get('n_samples', 1) == 1 else ' x ' + str(m['n_samples']) + ' samples'}){extra}; "
             f"format {percent(m['format_rate'])}%, truncated {percent(m['truncation_rate'])}%, "
             f"{m['mean_completion_tokens']:.0f} tokens/completion")

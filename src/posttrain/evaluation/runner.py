@@ -6,7 +6,8 @@
 
 Decoding: greedy (``temperature=0``, one sample: pass@1 is the greedy accuracy), or ``samples`` sampled
 completions per problem for the unbiased pass@k and maj@k (``accuracy`` is then the mean sampled pass@1). The
-settings and their defaults are :class:`posttrain.config.EvalConfig`.
+settings and their defaults are :class:`posttrain.config.EvalConfig`; with ``protocol`` set, the prompt, stop
+strings, budget and answer reading are a published protocol's (:mod:`posttrain.evaluation.protocols`).
 
 Resumable: every finished problem's rows are appended to ``samples.jsonl`` and flushed, so an interrupted run
 loses at most the batch in flight; a rerun with the same ``out_dir`` skips the finished problems. The settings
@@ -27,8 +28,9 @@ from posttrain.errors import UserError
 from posttrain.evaluation.benchmarks import Benchmark, Problem
 from posttrain.evaluation.generation import generate
 from posttrain.evaluation.metrics import summarize
-from posttrain.evaluation.prompts import build_prompt, extract, get_style, stop_strings
-from posttrain.verify import VerifierPool
+from posttrain.evaluation.prompts import extract
+from posttrain.evaluation.protocols import answer_rules, prompt_text, resolve
+from posttrain.verify import VerifierPool, extract_with_rule
 
 SAMPLES, METRICS, CONFIG = "samples.jsonl", "metrics.json", "eval_config.json"
 
@@ -92,13 +94,30 @@ def _check_config(out: Path, config: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+_STYLE_RULE = {"boxed": "box", "tags": "tags", "auto": "tags", "gsm8k": "gsm8k", "final_answer": "final_answer",
+               "dapo": "answer_line"}
+
+
+def _rule(text: str, style, prompt: str, answer: str | None, fallback: bool) -> str:
+    """The extraction rule that read ``answer`` (``box``, ``math_env``, ...), or why there is none
+    (``truncated_box``, ``unfinished_think``, ``no_answer``): recorded in samples.jsonl and given to the
+    verifier, which applies that rule's policy. Read again here with the default tags; when that reading
+    differs (the style's own tags), the style's rule is named."""
+    found = extract_with_rule(text, style.answer_style, prompt_suffix=prompt[-200:], last_number=fallback)
+    if answer is None or found.answer == answer:
+        return found.rule
+    return _STYLE_RULE.get(style.answer_style, style.answer_style)
+
+
 def _score(pool, style, settings: EvalConfig, items: list[tuple[Problem, int, str, object]]) -> list[dict]:
     extracted = [extract(c.text, style, markers=settings.markers, prompt=prompt) for _, _, prompt, c in items]
     scored = [e if e is not None or not settings.last_number else
               extract(c.text, style, markers=settings.markers, prompt=prompt, last_number=True)
               for e, (_, _, prompt, c) in zip(extracted, items)]
+    rules = [_rule(c.text, style, prompt, s, e is None and settings.last_number)
+             for s, e, (_, _, prompt, c) in zip(scored, extracted, items)]
     todo = [i for i, s in enumerate(scored) if s is not None]
-    verdicts = dict(zip(todo, pool.verify_many([(scored[i], items[i][0].answer) for i in todo])))
+    verdicts = dict(zip(todo, pool.verify_many([(scored[i], items[i][0].answer, rules[i]) for i in todo])))
     rows = []
     for i, (p, sample, prompt, c) in enumerate(items):
         v = verdicts.get(i)
@@ -108,6 +127,7 @@ def _score(pool, style, settings: EvalConfig, items: list[tuple[Problem, int, st
             "extracted": scored[i], "normalized": v.pred_normalized if v is not None else None, "gold": p.answer,
             "verdict": v is not None and v.equal, "reason": v.reason if v is not None else
             ("truncated" if c.finish == "length" else "no_answer"),
+            "rule": rules[i],  # which extraction rule read the answer, or why there is none (docs/verifier.md)
             "format_ok": extracted[i] is not None, "truncated": c.finish == "length", "finish": c.finish,
             "completion_tokens": c.n_tokens, **p.meta,
         })
@@ -120,8 +140,8 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None
     """Evaluate ``model`` on ``benchmark``; returns the metrics dict (also written to ``out_dir/metrics.json``
     with one row per sample in ``out_dir/samples.jsonl`` when ``out_dir`` is given). ``generate_fn`` replaces
     :func:`posttrain.evaluation.generation.generate` (same call; e.g. the vLLM backend's)."""
-    settings = settings or EvalConfig()
-    style = get_style(settings.prompt)
+    settings = resolve(settings or EvalConfig())   # a protocol's budget and reader where not given
+    style, stops = answer_rules(settings)
     out = Path(out_dir) if out_dir is not None else None
     done: dict[str, list[dict]] = {}
     if out is not None:
@@ -129,13 +149,11 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None
         _check_config(out, {"model": model_id, "benchmark": benchmark.name, **settings.fingerprint()})
         done = _read_done(out, settings.samples)
 
-    prompts = {p.id: build_prompt(tokenizer, p.problem, style, template=settings.template, markers=settings.markers,
-                                  system_prompt=settings.system_prompt) for p in benchmark.problems}
+    prompts = {p.id: prompt_text(tokenizer, p.problem, settings) for p in benchmark.problems}
     pending = [p for p in benchmark.problems if p.id not in done]
     lengths = {p.id: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]) for p in pending}
     pending.sort(key=lambda p: -lengths[p.id])   # similar lengths share a batch; the longest run first
     per_batch = max(1, settings.batch_size // settings.samples)
-    stops = stop_strings(style, settings.markers)
 
     was_training = model.training
     model.eval()

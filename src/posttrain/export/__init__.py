@@ -4,7 +4,10 @@
 
 Every export is written into a hidden sibling directory (``.NAME.partial-PID``), loaded back and compared with
 its source (``verify.py``), and only then renamed to ``out``; an export that is interrupted or fails its check
-never leaves a directory that looks complete. ``export.json``, written last, records the source, the settings
+never leaves a directory that looks complete. ``--overwrite`` replaces only an earlier export (a folder with
+``export.json``) or an empty folder, never the source, a folder that contains it, or a folder inside the weights
+it reads; a lock beside ``out`` (``.NAME.lock``) keeps a second export from writing the same ``out``, and a full
+disk is named as such (``fileops.writing``). ``export.json``, written last, records the source, the settings
 and the round-trip numbers. Nothing is built: GGUF files are written with the ``gguf`` package (``gguf_writer``),
 and only ``q4_k_m`` calls out to llama.cpp's ``llama-quantize`` when it is on the PATH. What a source may be (run
 directory, adapter directory, model) and how it is loaded is ``posttrain.runs``'s.
@@ -22,10 +25,13 @@ from pathlib import Path
 
 from posttrain import runs
 from posttrain.errors import UserError
+from posttrain.fileops import remove_tree, writing
 
 FORMATS = ("adapter", "merged", "gguf")
 QUANTS = ("f16", "bf16", "q8_0", "q4_k_m")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# bytes per parameter a GGUF export writes (q4_k_m: the f16 file it is quantized from, then ~0.6 per parameter)
+_GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q4_k_m": 2.6}
 
 
 def _log(msg: str, verbose: bool = True) -> None:
@@ -48,34 +54,66 @@ def _pid_alive(pid: int) -> bool:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it, or choose another --out")
+    """What can be refused before the source is read: a file, or an existing folder without ``--overwrite``."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it, or choose another --out")
+
+
+def check_replace(out: Path, protect: list[Path], weights: list[Path]) -> None:
+    """Refuse an ``--out`` whose replacement would delete what this export did not make: one of ``protect`` (the
+    source and what the export reads) or a folder that contains one, a folder inside ``weights`` (the adapter or
+    model directory read), or a non-empty folder that is not an earlier export (no ``export.json``)."""
+    real = out.resolve()
+    for p in protect:
+        rp = p.resolve()
+        if real == rp or real in rp.parents:
+            what = "is the source" if real == rp else "contains the source"
+            raise UserError(f"--out {out} {what} {p}: writing the export there would delete it. Choose an --out "
+                            "outside it (by convention RUN/export/FORMAT for a run directory RUN)")
+    for w in weights:
+        if w.resolve() in real.parents:
+            raise UserError(f"--out {out} is inside {w}, which this export reads; choose an --out outside it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
+        raise UserError(f"--out {out} exists and is not an export made by posttrain (it has no export.json), so "
+                        "--overwrite will not delete it; choose another --out, or delete it yourself")
+
+
+def _reads(source: str, src) -> tuple[list[Path], list[Path]]:
+    """(what ``--out`` must neither be nor contain, what it must not lie inside) for ``source``: the path given,
+    and the adapter, tokenizer and local model directories the export reads."""
+    local_model = Path(src.model.name).expanduser()
+    weights = [p for p in (src.adapter_dir, Path(src.tokenizer_dir) if src.tokenizer_dir else None, local_model)
+               if p is not None and p.is_dir()]
+    given = Path(source).expanduser()
+    return ([given] if given.exists() else []) + weights, weights
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, overwrite: bool):
-    """Yield a temporary directory beside ``out``; on success it replaces ``out`` with one rename."""
+def staged_output(out: Path, overwrite: bool, protect: list[Path] = (), weights: list[Path] = ()):
+    """Yield a temporary directory beside ``out``; on success it replaces ``out`` with one rename. The caller
+    holds ``out``'s lock."""
     check_output(out, overwrite)
+    check_replace(out, protect, weights)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_tree(stale, out.parent, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp, out.parent, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, out.parent, ignore_errors=True)
         raise
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old, out.parent, ignore_errors=True)
     else:
         tmp.rename(out)
 
@@ -121,6 +159,8 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
     out = Path(out).expanduser()
     check_output(out, overwrite)
     src = runs.resolve(source, base=base)
+    protect, weights = _reads(source, src)
+    check_replace(out, protect, weights)
     if fmt == "adapter" and src.adapter_dir is None:
         raise UserError(f"{source} holds full weights, not a LoRA adapter; export it with --format merged or gguf")
     runs.check_base_exists(src)
@@ -128,12 +168,16 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
     report: dict = {"format": fmt, "source": str(source), "base": src.model.name, "base_from": src.base_from,
                     "adapter": str(src.adapter_dir) if src.adapter_dir else None, "load_in_4bit": src.model.load_in_4bit}
     _log(f"exporting {src.description} as {fmt} -> {out}", verbose)
-    with staged_output(out, overwrite) as tmp:
+    advice = "free some space or choose another --out, then run the export again"
+    with runs.RunLock(out.parent / f".{out.name}.lock", "posttrain export", target=out), \
+            writing(out.parent, f"the {fmt} export", advice) as space, \
+            staged_output(out, overwrite, protect, weights) as tmp:
         if fmt == "adapter":
-            _export_adapter(src, tmp, report, verify=verify, device=device, verbose=verbose)
+            _export_adapter(src, tmp, report, verify=verify, device=device, verbose=verbose, space=space)
         else:
             _export_dense(src, fmt, tmp, report, quant=quant, dtype=dtype, verify=verify, device=device,
-                          quantizer=quantizer, name=name or default_name(source, src), verbose=verbose)
+                          quantizer=quantizer, name=name or default_name(source, src), verbose=verbose, space=space,
+                          final_dir=out)
         report["files"] = sorted(p.name for p in tmp.iterdir())
         report["seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -141,10 +185,11 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
     return report
 
 
-def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, verbose: bool) -> None:
+def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, verbose: bool, space) -> None:
     from posttrain.export import verify as verify_mod
 
     adir = src.adapter_dir
+    space.need(sum((adir / f).stat().st_size for f in ADAPTER_FILES + runs.TOKENIZER_FILES if (adir / f).is_file()))
     for fname in ADAPTER_FILES + runs.TOKENIZER_FILES:
         if (adir / fname).is_file():
             shutil.copy2(adir / fname, tmp / fname)
@@ -183,7 +228,7 @@ def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, 
 
 
 def _export_dense(src, fmt: str, tmp: Path, report: dict, *, quant: str, dtype: str, verify: bool, device: str,
-                  quantizer: str | None, name: str, verbose: bool) -> None:
+                  quantizer: str | None, name: str, verbose: bool, space, final_dir: Path | None = None) -> None:
     from posttrain.export import merge as merge_mod
     from posttrain.export import verify as verify_mod
 
@@ -200,6 +245,8 @@ def _export_dense(src, fmt: str, tmp: Path, report: dict, *, quant: str, dtype: 
         ref = verify_mod.logits(model, ids)
     merged = merge_mod.cast(merge_mod.merge(model), dtype)
     report["dtype"] = dtype
+    n_params = sum(p.numel() for p in merged.parameters())
+    space.need(n_params * (merged.dtype.itemsize if fmt == "merged" else _GGUF_BYTES[quant]))
     if src.adapter_dir is not None:
         _log(f"merged the adapter into {'dequantized 4-bit' if from_4bit else 'dense'} weights, saved as {dtype}",
              verbose)
@@ -231,7 +278,8 @@ def _export_dense(src, fmt: str, tmp: Path, report: dict, *, quant: str, dtype: 
     report.update(quant=quant, gguf=gguf_name, gguf_bytes=path.stat().st_size)
     _log(f"wrote {gguf_name} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s", verbose)
     stops = [tok.convert_ids_to_tokens(i) for i in eos]
-    ollama.write_modelfile(tmp, gguf_name, tok, stops)
+    ollama.write_modelfile(tmp, gguf_name, tok, stops, final_dir=final_dir,  # tmp is renamed to final_dir
+                           log=lambda msg: _log(msg, verbose))
     if verify:
         reference = merged.float()
         report["merge_check"] = verify_mod.compare(ref, verify_mod.logits(reference, ids))

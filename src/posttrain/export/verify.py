@@ -7,8 +7,17 @@ it came from, on one probe conversation rendered with the model's chat template.
   plus 2e-2 when the base was 4-bit, whose bitsandbytes matmul rounds differently from a dense one), and the
   next-token argmax agrees at >= 95% of the probe positions.
 - gguf: transformers' GGUF reader loads the file (tokenizer and weights); the probe tokenizes to the same ids,
-  the chat template is the same string, logits match the merged model (f16/bf16: 5e-3, q8_0: 5e-2) and greedy
+  the chat template is the same string, logits match the merged model (f16/bf16: 5e-3, q8_0: 1.2e-1) and greedy
   decoding of 32 tokens is identical (for q8_0 the agreement is reported, not required; q4_k_m is reported only).
+
+Why these GGUF tolerances: transformers dequantizes the file to float32 and keeps float32 activations, so f16 and
+bf16 files come back as the merged weights (the check is tight and greedy decoding must agree). q8_0 is checked
+at the precision llama.cpp itself reaches on a correct q8_0 file, with margin. The GGUF review of posttrain
+91725cd (2026-11-21; shared/reference/gguf-llamacpp-review.md: llama.cpp 0c1e570 through llama-cpp-python 0.3.36,
+one thread, max |Δlogit| / max |logit| over all prompt positions against transformers in float32) measured for
+q8_0 6.0e-2 (SmolLM2 fine-tuned), 7.9e-2 (SmolLM2 base) and 2.5e-2 (tiny Qwen3), while transformers' reading of
+the same base file gave 4.4e-2, close to the old 5e-2 limit. 1.2e-1 is 1.5x the worst llama.cpp figure and
+still well below what a 4-bit file shows (q4_k_m 3.2e-1 in llama.cpp) or a misplaced tensor causes (order 1).
 
 All logits are computed in float32 on the CPU or the model's device.
 """
@@ -20,7 +29,7 @@ from pathlib import Path
 from posttrain import runs
 
 MERGED_RTOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
-GGUF_RTOL = {"f16": 5e-3, "bf16": 5e-3, "q8_0": 5e-2}
+GGUF_RTOL = {"f16": 5e-3, "bf16": 5e-3, "q8_0": 1.2e-1}  # q8_0: what llama.cpp meets, with margin (docstring)
 GREEDY_TOKENS = 32
 PROBE = [
     {"role": "system", "content": "You are a concise assistant."},

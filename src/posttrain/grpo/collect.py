@@ -24,11 +24,14 @@ from posttrain.rewards.registry import RewardContractError
 
 def build_rewards(cfg: GRPORecipe, tok, reward_funcs=None) -> RewardSet:
     """The recipe's rewards (or ``reward_funcs``), strict: a reward that returns the wrong number of values,
-    NaN or infinity stops the run naming it. Format rewards learn what the generation prompt opens."""
+    NaN, infinity or values so large that their spread overflows stops the run naming it, and so does a custom
+    reward that runs past ``grpo.reward_timeout``. Format rewards learn what the generation prompt opens."""
     specs = reward_funcs if reward_funcs is not None else cfg.rewards
     try:
         return RewardSet.from_specs(specs, prompt_suffix=generation_suffix(tok), markers=cfg.data.markers,
-                                    weights=cfg.grpo.reward_weights, strict=True)
+                                    weights=cfg.grpo.reward_weights, strict=True,
+                                    max_failure_fraction=cfg.grpo.reward_max_failure_fraction,
+                                    timeout=cfg.grpo.reward_timeout)
     except UserError as exc:
         if cfg.grpo.reward_weights is not None and "reward weights" in str(exc):
             raise UserError(f"grpo.reward_weights: {exc}") from None

@@ -8,12 +8,13 @@ budget of prompt + completion tokens (the notebook's ``max_seq_length``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from posttrain.config import (DATA, LORA, MODEL, OUTPUT_DIR, DataConfig, LoraConfig, ModelConfig, Section,
-                              StartsFromAdapter, TrainConfig)
+                              StartsFromAdapter, TrainConfig, check_output_dir, warn_long_warmup)
 
 
 class VLLMConfig(Section):
@@ -30,8 +31,8 @@ class VLLMConfig(Section):
     server_host: str = Field("127.0.0.1", description="server: host name or address of vLLM's OpenAI-compatible "
                                                       "server")
     server_port: int = Field(8000, ge=1, le=65535, description="server: its port")
-    server_timeout: float = Field(240.0, gt=0.0, description="server: seconds to wait for one request before "
-                                                             "failing")
+    server_timeout: float = Field(240.0, gt=0.0, allow_inf_nan=False,
+                                  description="server: seconds to wait for one request before failing")
     adapter_dir: str | None = Field(None, description="server: where each step's adapter is saved for the server "
                                                       "to load (a shared filesystem); default OUTPUT/vllm_adapters")
 
@@ -39,11 +40,12 @@ class VLLMConfig(Section):
 class GRPOConfig(Section):
     # sampling
     num_generations: int = Field(8, description="completions per prompt (the group size G); at least 2")
-    temperature: float = Field(1.0, ge=0.0, description="sampling temperature of the rollouts; log-probabilities "
-                                                        "are taken at the same temperature (logits / T)")
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False,
+                               description="sampling temperature of the rollouts; log-probabilities are taken at the "
+                                           "same temperature (logits / T)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: sample from the most likely tokens "
                                                           "whose probabilities add up to top_p; 1: off")
-    top_k: int = Field(0, description="sample only from the k most likely tokens; 0 or -1: off")
+    top_k: int = Field(0, ge=-1, description="sample only from the k most likely tokens; 0 or -1: off")
     min_p: float = Field(0.0, ge=0.0, lt=1.0, description="drop tokens less likely than min_p times the most "
                                                           "likely one; 0: off. The filters shape sampling only, "
                                                           "not the trained log-probabilities (as TRL)")
@@ -58,10 +60,12 @@ class GRPOConfig(Section):
         None, ge=1, description="tokens per completion at most; null: data.max_length - max_prompt_length "
                                 "(completions get the rest)")
     # objective
-    beta: float = Field(0.0, ge=0.0, description="weight of the k3 KL to the reference (base, adapters off)")
+    beta: float = Field(0.0, ge=0.0, allow_inf_nan=False,
+                        description="weight of the k3 KL to the reference (base, adapters off)")
     epsilon: float = Field(0.2, gt=0.0, description="lower clip: ratio >= 1 - epsilon")
     epsilon_high: float | None = Field(
-        None, gt=0.0, description="upper clip (DAPO clip-higher): ratio <= 1 + epsilon_high; null: epsilon")
+        None, gt=0.0, allow_inf_nan=False,
+        description="upper clip (DAPO clip-higher): ratio <= 1 + epsilon_high; null: epsilon")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
         "dapo", description="how per-token losses are averaged. grpo: over each completion's tokens, then over "
                             "completions (the paper); bnpo: over the tokens of a micro-batch; dr_grpo: sum / "
@@ -73,7 +77,8 @@ class GRPOConfig(Section):
     num_iterations: int = Field(1, ge=1, description="optimizer updates per batch of rollouts (PPO epochs)")
     mask_truncated_completions: bool = Field(
         False, description="completions cut off at max_completion_length get no loss (DAPO's overlong filtering)")
-    entropy_coef: float = Field(0.0, ge=0.0, description="entropy bonus: loss -= entropy_coef * mean entropy")
+    entropy_coef: float = Field(0.0, ge=0.0, allow_inf_nan=False,
+                                description="entropy bonus: loss -= entropy_coef * mean entropy")
     dynamic_sampling: bool = Field(False, description="drop groups whose rewards all agree (DAPO)")
     dynamic_sampling_rounds: int = Field(
         0, ge=0, description="with dynamic_sampling: extra rounds of prompts drawn to refill the dropped groups")
@@ -90,8 +95,9 @@ class GRPOConfig(Section):
     rollout_backend: Literal["hf", "vllm"] = Field("hf", description="hf: our transformers decode loop; vllm: see vllm")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="the vLLM engine, with rollout_backend vllm")
     importance_sampling_cap: float | None = Field(
-        None, gt=0.0, description="truncated importance sampling: weight each token's policy loss by "
-                                  "min(exp(logp_train - logp_sampler), cap) (TRL/verl use 2-3); off by default")
+        None, gt=0.0, allow_inf_nan=False,
+        description="truncated importance sampling: weight each token's policy loss by min(exp(logp_train - "
+                    "logp_sampler), cap) (TRL/verl use 2-3); off by default")
     rollout_max_rows: int | None = Field(
         None, ge=1, description="completions decoded together at most; null: all of a step's")
     merge_lora: Literal["auto", "inplace", "backup", "none"] = Field(
@@ -106,6 +112,22 @@ class GRPOConfig(Section):
     num_completions_to_print: int = Field(4, ge=0, description="how many of those completions are printed")
     zero_std_warning: float = Field(0.5, ge=0.0, le=1.0,
                                     description="warn when more than this fraction of groups has zero reward variance")
+    # rewards: how long and how often they may fail
+    reward_timeout: float | None = Field(
+        300.0, gt=0.0, allow_inf_nan=False,
+        description="seconds one call of a custom reward function (module:function, file.py:function) may take "
+                    "before the run stops naming it; a hung reward (a sandbox or a judge that never answers) would "
+                    "otherwise hang training. The built-in rewards are bounded already. null: no limit")
+    reward_max_failure_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="stop the run when a reward function raises on more than this fraction of "
+                                         "one batch's completions (failed samples get no reward from it)")
+
+    @field_validator("max_prompt_length")
+    @classmethod
+    def _positive_length(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError(f"{v}: give a number of tokens >= 1, or auto")
+        return v
 
     @field_validator("num_generations")
     @classmethod
@@ -121,6 +143,8 @@ class GRPOConfig(Section):
             raise ValueError("grpo.epsilon must be < 1 (the ratio's lower bound is 1 - epsilon)")
         if self.reward_weights is not None and not self.reward_weights:
             raise ValueError("grpo.reward_weights is empty: give one weight per reward function or leave it out")
+        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
+            raise ValueError(f"grpo.reward_weights={self.reward_weights}: every weight must be a finite number")
         return self
 
 
@@ -138,10 +162,13 @@ class GRPORecipe(StartsFromAdapter):
         default_factory=lambda: ["math_accuracy"],
         description="reward specs: built-in names, presets (unsloth_math), module:function, or {name, weight, ...}")
 
+    _output_dir = field_validator("output_dir")(check_output_dir)
+
     @model_validator(mode="after")
     def _check(self) -> "GRPORecipe":
         if not self.rewards:
             raise ValueError("rewards: give at least one reward function (e.g. [math_accuracy] or [unsloth_math])")
+        warn_long_warmup(self.train, self.grpo.num_iterations)  # the schedule counts updates
         return self
 
 

@@ -55,7 +55,6 @@ from transformers import DynamicCache
 from posttrain import fastpath
 from posttrain.distributed import (GatheredRollouts, accumulation, backward, finish_step, gather_all,
                                    sharded_optimizer)
-from posttrain.errors import UserError
 from posttrain.grpo.batch import MicroBatch, micro_batches, unpad
 from posttrain.grpo.collect import build_rewards, collect_rollouts, log_completions
 from posttrain.grpo.config import GRPORecipe, check_group_batch
@@ -105,8 +104,14 @@ class PolicyLogps(torch.nn.Module):
         out = decoder(input_ids=b.prompt_ids, attention_mask=b.prompt_attn, position_ids=b.prompt_pos,
                       past_key_values=DynamicCache(config=self.model.config), use_cache=True)
         cache = out.past_key_values
-        cache.batch_select_indices(b.prompt_of)
-        last = out.last_hidden_state[:, -1][b.prompt_of]  # predicts each completion's first token
+        # index_select, not advanced indexing (DynamicCache.batch_select_indices): the backward of x[idx] with
+        # repeated indices adds the G completions' gradients into their shared prompt with atomic float adds from
+        # several CPU threads, in an order that changes from run to run (and with machine load), so two runs of
+        # one seed drifted apart. index_select's backward (index_add_) adds in a fixed order.
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, b.prompt_of)
+            layer.values = layer.values.index_select(0, b.prompt_of)
+        last = out.last_hidden_state[:, -1].index_select(0, b.prompt_of)  # predicts each completion's first token
         comp = decoder(input_ids=b.completion_ids, attention_mask=b.attn, position_ids=b.completion_pos,
                        past_key_values=cache, use_cache=True).last_hidden_state
         return torch.cat([last.unsqueeze(1), comp], dim=1)[b.rows, b.cols]
@@ -115,10 +120,12 @@ class PolicyLogps(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[dict] | None = None) -> Path:
+def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[dict] | None = None,
+          allow_changes: list[str] | tuple[str, ...] = ()) -> Path:
     """Run GRPO as the recipe says; ``reward_funcs`` (callables) and ``rows`` replace the recipe's (tests)."""
     grpo, opt = cfg.grpo, cfg.train
-    run = TrainingSession(cfg, resume, "grpo", variable_micro_batches=grpo.dynamic_sampling)
+    run = TrainingSession(cfg, resume, "grpo", variable_micro_batches=grpo.dynamic_sampling,
+                          allow_changes=allow_changes)
     per_proc = check_group_batch(cfg)  # prompts per process and step
     model, tok = run.load_model()
     prompts, pstats = prepare_prompts(cfg, tok, rows)
@@ -149,7 +156,7 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
         frac_zero = frac_zero_std(first_rewards, grpo.num_generations)
         if run.is_main and frac_zero > grpo.zero_std_warning and step - warned_at >= 10:
             warned_at = step
-            warn_zero_std(step, frac_zero, grpo)
+            warn_zero_std(step, frac_zero, grpo, first_rewards)
         batches, dummy = micro_batches(rollouts, opt.batch_size, engine.pad_id, run.device, updater.share_prompts)
         t_train = time.perf_counter()
         stats = updater.step(batches, dummy, step)
@@ -268,10 +275,9 @@ class PolicyUpdate:
                     if kl is not None:
                         stats["kl"].append((float((kl.detach() * b.mask).sum()), tokens))
                     stats["clip"].append((ratio.detach(), b.advantages, b.mask))
-            if not math.isfinite(loss_sum):
-                raise UserError(f"loss is {loss_sum} at step {step + 1}: training diverged. Lower train.lr "
-                                f"(now {self.cfg.train.lr}), check the rewards, or resume from the last checkpoint")
-            grad_norm, lr = finish_step(acc, self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
+            grad_norm, lr = finish_step(acc, self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm,
+                                        loss=loss_sum, step=step + 1,
+                                        advice=f"Lower train.lr (now {self.cfg.train.lr}), check the rewards")
             stats["loss"] += loss_sum / grpo.num_iterations
         return stats, grad_norm, lr
 
@@ -313,10 +319,21 @@ def frac_zero_std(group_rewards: list[list[float]], num_generations: int) -> flo
     return float(zero_std_groups(flat, num_generations).float().mean())
 
 
-def warn_zero_std(step: int, frac: float, grpo) -> None:
+def warn_zero_std(step: int, frac: float, grpo, group_rewards: list[list[float]]) -> None:
+    """Say why a step carries little learning signal. Groups whose completions no reward scored (every reward
+    returned None: NaN here) count as zero-std too, but their cause is the rewards, not the task's difficulty."""
+    unscored = (sum(sum(not math.isnan(r) for r in grp) < 2 for grp in group_rewards) / len(group_rewards)
+                if group_rewards else 1.0)
     what = ("the policy loss and its gradient are zero" if frac == 1.0 and grpo.beta == 0 and not grpo.dynamic_sampling
             else "they carry no learning signal")
-    warnings.warn(f"step {step + 1}: {frac:.0%} of the groups got rewards that all agree "
+    if unscored == frac:  # every such group is unscored
+        warnings.warn(f"step {step + 1}: {unscored:.0%} of the groups got no reward at all: every reward function "
+                      f"returned None (skip) for their completions; {what}. Check that the rewards can score these "
+                      "completions (the gold answer column, the answer format) and that they return floats.",
+                      stacklevel=2)
+        return
+    also = (f", and {unscored:.0%} got no reward at all (every reward function returned None)" if unscored else "")
+    warnings.warn(f"step {step + 1}: {frac - unscored:.0%} of the groups got rewards that all agree{also} "
                   f"(frac_reward_zero_std={frac:.2f}); {what}. Try grpo.dynamic_sampling=true, a larger "
                   "grpo.num_generations, an easier dataset, or a reward with partial credit.", stacklevel=2)
 

@@ -18,7 +18,15 @@ from __future__ import annotations
 import math
 import re
 
-from posttrain.verify import DEFAULT_TAGS, default_pool, extract_answer, gold_parseable, last_boxed
+from posttrain.verify import (
+    DEFAULT_TAGS,
+    FREE_TEXT_RULES,
+    default_pool,
+    extract_answer,
+    extract_with_rule,
+    gold_parseable,
+    last_boxed,
+)
 
 GOLD_COLUMNS = ("answer", "solution", "ground_truth", "gold", "reward_model")
 
@@ -115,6 +123,12 @@ class MathAccuracy(RewardFunction):
     """1.0 when the extracted answer equals the gold (posttrain's verifier), 0.0 when it does not or
     there is no answer, None when the gold cannot be parsed (the sample is skipped, never rewarded).
 
+    The answer is read as ``posttrain eval`` reads it: ``extract_with_rule`` with ``style`` (default ``auto``:
+    box, tags, "the answer is", DAPO's "Answer:", ``####``, then the last math environment or the value closing
+    the last sentence; a ``<think>`` never closed gives no answer), and the verifier applies that rule's policy
+    (docs/verifier.md). ``metrics()`` counts ``free_text`` answers (read by a free-text rule rather than a box,
+    tag or phrase) beside time-outs, skipped golds and missing answers.
+
     >>> math_accuracy([""], [r"... so \\boxed{\\frac{1}{2}}"], answer=["0.5"])   # doctest: +SKIP
     [1.0]
     """
@@ -130,21 +144,23 @@ class MathAccuracy(RewardFunction):
         self.timeout = timeout
         self.pool = pool
         self.prompt_suffix = prompt_suffix
-        self._counts = {"timeouts": 0, "unparseable_gold": 0, "no_answer": 0}
+        self._counts = {"timeouts": 0, "unparseable_gold": 0, "no_answer": 0, "free_text": 0}
 
     def __call__(self, prompts, completions, **columns):
         n = len(completions)
         golds = _column(columns, self.answer_column, n, self.__name__)
         prompts = prompts if prompts is not None else [None] * n
         openers = [t[0] for t in self.tags]
-        preds = []
+        found = []
         for p, c in zip(prompts, completions):
             prefix = opened_prefix(p, openers, self.prompt_suffix) or ""
-            preds.append(extract_answer(completion_text(c), self.style, tags=self.tags,
-                                        last_number=self.last_number, prompt_suffix=prefix))
+            found.append(extract_with_rule(completion_text(c), self.style, tags=self.tags,
+                                           last_number=self.last_number, prompt_suffix=prefix))
         pool = self.pool if self.pool is not None else default_pool()
-        todo = [i for i, p in enumerate(preds) if p is not None]
-        verdicts = pool.verify_many([(preds[i], _gold_answer(golds[i])) for i in todo], timeout=self.timeout)
+        todo = [i for i, f in enumerate(found) if f.answer is not None]
+        self._counts["free_text"] += sum(1 for i in todo if found[i].rule in FREE_TEXT_RULES)
+        verdicts = pool.verify_many([(found[i].answer, _gold_answer(golds[i]), found[i].rule) for i in todo],
+                                    timeout=self.timeout)
         by_index = dict(zip(todo, verdicts))
         out: list[float | None] = []
         for i in range(n):

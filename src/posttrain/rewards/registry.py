@@ -12,6 +12,12 @@ TRL's (``reward``, ``reward_std``, ``rewards/<name>/mean``, ``rewards/<name>/std
 ``rewards/<name>/failures``. A function that raises is retried sample by sample; a sample that still
 raises gets None, is counted, and the first traceback of each function is logged once. When more than
 ``max_failure_fraction`` of a batch fails for one function, ``RewardFailureError`` stops the run.
+
+Each call of a custom function (not the built-ins, whose verifier pool bounds every comparison already) is
+limited to ``timeout`` seconds (``grpo.reward_timeout``, :mod:`posttrain.rewards.deadline`): a hung reward stops
+the run with :class:`~posttrain.rewards.deadline.TimeLimitError` naming it. Under ``strict``, rewards so large that
+the group statistics overflow in float64 (1e308 is finite, its square is not; the std would be infinite and
+every advantage 0) stop the run naming the function instead of silently training nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import traceback
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.rewards.deadline import TimeLimitError, call_with_deadline
 from posttrain.rewards.functions import BoxedFormat, MathAccuracy, SoftOverlong, ThinkFormat, nan_to_none
 from posttrain.rewards.unsloth import PRESET, AnswerTiers, FormatApprox, FormatExact, NumberMatch
 
@@ -45,6 +52,7 @@ BUILTINS = {
     "soft_overlong": SoftOverlong,
 }
 PRESETS = {"unsloth_math": PRESET}
+BUILTIN_TYPES = tuple({*BUILTINS.values(), *PRESET})  # bounded in time already: no deadline around them
 
 
 class RewardFailureError(UserError):
@@ -60,21 +68,43 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _mean(values: list[float]) -> float:
+    """The mean; infinite or NaN (not an exception) when the values overflow."""
+    try:
+        return statistics.fmean(values) if values else float("nan")
+    except (OverflowError, ValueError):
+        return math.inf if all(v > 0 for v in values) else float("nan")
+
+
 def reward_metrics(total: list[float | None], per_reward: dict[str, list[float | None]]) -> dict[str, float]:
     """TRL's reward metrics over a batch: ``reward``, ``reward_std`` and ``rewards/<name>/mean|std`` (None and
     NaN values left out; NaN means when nothing is left)."""
     def present(values):
         return [v for v in values if v is not None and not math.isnan(v)]
 
+    def std(values):
+        return _std(values) if all(math.isfinite(v) for v in values) else float("nan")
+
     out = {}
     for name, values in per_reward.items():
         vals = present(values)
-        out[f"rewards/{name}/mean"] = statistics.fmean(vals) if vals else float("nan")
-        out[f"rewards/{name}/std"] = _std(vals)
+        out[f"rewards/{name}/mean"] = _mean(vals)
+        out[f"rewards/{name}/std"] = std(vals)
     vals = present(total)
-    out["reward"] = statistics.fmean(vals) if vals else float("nan")
-    out["reward_std"] = _std(vals)
+    out["reward"] = _mean(vals)
+    out["reward_std"] = std(vals)
     return out
+
+
+def spread_finite(values: list[float | None]) -> bool:
+    """Whether the mean and the summed squared deviations of ``values`` (None left out) are finite in float64, as
+    the group advantages compute them: rewards of 1e308 are finite, their spread is not."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    try:
+        mean = math.fsum(vals) / max(len(vals), 1)
+        return math.isfinite(math.fsum((v - mean) ** 2 for v in vals))
+    except (OverflowError, ValueError):
+        return False
 
 
 _MARKER_KEYS = ("reasoning_start", "reasoning_end", "solution_start", "solution_end")
@@ -193,7 +223,8 @@ class RewardSet:
     count as failures; with ``strict`` (training, where a quiet NaN would poison every advantage of its group)
     it stops the run with :class:`RewardContractError` naming the function."""
 
-    def __init__(self, funcs, weights=None, *, max_failure_fraction: float = 0.5, strict: bool = False):
+    def __init__(self, funcs, weights=None, *, max_failure_fraction: float = 0.5, strict: bool = False,
+                 timeout: float | None = None):
         funcs = list(funcs)
         weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
         if len(weights) != len(funcs):
@@ -203,6 +234,8 @@ class RewardSet:
         self.funcs, self.weights = funcs, weights
         self.max_failure_fraction = max_failure_fraction
         self.strict = strict
+        self.limits = [None if isinstance(f, BUILTIN_TYPES) or getattr(f, "bounded", False) else timeout
+                       for f in funcs]  # seconds per call
         self.names = []
         for f in funcs:
             base = getattr(f, "__name__", None) or type(f).__name__
@@ -216,7 +249,7 @@ class RewardSet:
 
     @classmethod
     def from_specs(cls, specs, *, prompt_suffix=None, pool=None, markers=None, max_failure_fraction=0.5,
-                   weights=None, strict: bool = False):
+                   weights=None, strict: bool = False, timeout: float | None = None):
         """``weights`` (one per function after presets expand) replace the specs' own."""
         pairs = resolve_rewards(specs, prompt_suffix=prompt_suffix, pool=pool, markers=markers)
         if weights is not None and len(weights) != len(pairs):
@@ -224,14 +257,14 @@ class RewardSet:
                             f"{[getattr(f, '__name__', type(f).__name__) for f, _ in pairs]}; give one weight per "
                             "function (presets expand: unsloth_math is 4)")
         return cls([f for f, _ in pairs], weights or [w for _, w in pairs],
-                   max_failure_fraction=max_failure_fraction, strict=strict)
+                   max_failure_fraction=max_failure_fraction, strict=strict, timeout=timeout)
 
     def __call__(self, prompts, completions, **columns):
         n = len(completions)
         per_reward: dict[str, list] = {}
         metrics: dict[str, float] = {}
-        for name, fn, w in zip(self.names, self.funcs, self.weights):
-            values, failed = self._call_one(name, fn, prompts, completions, columns, n)
+        for name, fn, limit in zip(self.names, self.funcs, self.limits):
+            values, failed = self._call_one(name, fn, prompts, completions, columns, n, limit)
             per_reward[name] = values
             self.failures[name] += failed
             metrics[f"rewards/{name}/failures"] = failed
@@ -241,14 +274,35 @@ class RewardSet:
                 raise RewardFailureError(
                     f"reward {name!r} failed on {failed} of {n} samples in one batch (limit "
                     f"{self.max_failure_fraction:.0%}); first error: {self._first_error.get(name, '?')}. "
-                    f"Fix the reward function (its traceback is in the log) or raise max_failure_fraction."
+                    f"Fix the reward function (its traceback is in the log) or raise "
+                    f"grpo.reward_max_failure_fraction (now {self.max_failure_fraction})."
                 )
-        total: list[float | None] = []
-        for i in range(n):
-            parts = [w * per_reward[nm][i] for nm, w in zip(self.names, self.weights) if per_reward[nm][i] is not None]
-            total.append(math.fsum(parts) if parts else None)
+        total = [self._weighted_sum(per_reward, i) for i in range(n)]
+        if self.strict and not spread_finite(total):
+            self._overflow_error(per_reward)
         metrics.update(reward_metrics(total, per_reward))
         return total, per_reward, metrics
+
+    def _weighted_sum(self, per_reward: dict[str, list], i: int) -> float | None:
+        parts = [w * per_reward[nm][i] for nm, w in zip(self.names, self.weights) if per_reward[nm][i] is not None]
+        if not parts:
+            return None
+        try:
+            return math.fsum(parts)
+        except (OverflowError, ValueError):  # beyond float64: the spread check names the reward
+            return math.inf
+
+    def _overflow_error(self, per_reward: dict[str, list]) -> None:
+        """Name the reward whose size overflows the statistics: one whose own weighted spread overflows, else
+        the one with the largest weighted value."""
+        weighted = {nm: [w * v for v in per_reward[nm] if v is not None] for nm, w in zip(self.names, self.weights)}
+        name = next((nm for nm in self.names if not spread_finite(weighted[nm])), None) or max(
+            self.names, key=lambda nm: max((abs(v) for v in weighted[nm]), default=0.0))
+        big = max((v for v in per_reward[name] if v is not None), key=abs)
+        raise RewardContractError(
+            f"reward {name!r} returned {big:g} (weight {self.weights[self.names.index(name)]:g}): rewards this large "
+            "overflow the group statistics (the reward std is infinite, so every advantage would be 0 and nothing "
+            "would train); return rewards of moderate size (say within +-1e6) or give it a smaller weight")
 
     def _log_failure(self, name, exc):
         if name not in self._logged:
@@ -257,11 +311,19 @@ class RewardSet:
             log.error("reward %r raised (this traceback is logged once; failing samples get None):\n%s",
                       name, "".join(traceback.format_exception(exc)))
 
-    def _call_one(self, name, fn, prompts, completions, columns, n):
+    def _invoke(self, name, fn, limit, **kwargs):
+        """``fn(**kwargs)``, stopped after ``limit`` seconds (None: no limit)."""
+        message = (f"reward {name!r} did not return within {limit:g} s (grpo.reward_timeout); the run stops here. "
+                   "Make it faster (or bound its own slow calls), or raise grpo.reward_timeout (null: no limit)"
+                   if limit is not None else "")
+        return call_with_deadline(lambda: fn(**kwargs), limit, message)
+
+    def _call_one(self, name, fn, prompts, completions, columns, n, limit=None):
         try:
-            values = self._check(name, fn(prompts=prompts, completions=completions, **columns), n)
+            values = self._check(name, self._invoke(name, fn, limit, prompts=prompts, completions=completions,
+                                                    **columns), n)
             return values, 0
-        except RewardContractError:
+        except (RewardContractError, TimeLimitError):
             raise
         except Exception as exc:  # noqa: BLE001 - a reward bug must not kill the run: retry per sample
             self._log_failure(name, exc)
@@ -270,8 +332,9 @@ class RewardSet:
             sub = {k: (v[i : i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v) for k, v in columns.items()}
             p = prompts[i : i + 1] if isinstance(prompts, (list, tuple)) and len(prompts) == n else prompts
             try:
-                values.append(self._check(name, fn(prompts=p, completions=completions[i : i + 1], **sub), 1)[0])
-            except RewardContractError:
+                values.append(self._check(name, self._invoke(name, fn, limit, prompts=p,
+                                                             completions=completions[i : i + 1], **sub), 1)[0])
+            except (RewardContractError, TimeLimitError):
                 raise
             except Exception as exc:  # noqa: BLE001
                 self._log_failure(name, exc)

@@ -13,6 +13,11 @@ The scores and quirks are kept on purpose so a posttrain run reproduces the note
 * ``number_match``: the first number after ``<SOLUTION>``; no number -2.5; equal as floats +3.5,
   else -1.5; a conversion error 0.
 
+``verifier=True`` (off by default, so the notebook's scale is kept exactly) lets ``answer_tiers`` read the
+answer the way ``math_accuracy`` and ``posttrain eval`` do: a guess inside ``<SOLUTION>`` that posttrain's
+verifier finds equal to the answer, though not the same string (``\\frac{1}{2}`` for ``0.5``, ``1,234`` for
+``1234``), scores the "equal after strip" tier (+3.5) instead of the ratio or non-numeric tiers.
+
 One deliberate change, the fix of the seeds' project bug: the text checked is the opener the prompt
 left open + the completion (see ``functions.opened_prefix``; an unknown generation prompt is assumed to
 have opened the reasoning), and ``format_exact`` (with the default ``require_opener=True``) requires the
@@ -27,6 +32,7 @@ import re
 
 from posttrain.config import ReasoningMarkers
 from posttrain.rewards.functions import RewardFunction, completion_text, opened_prefix
+from posttrain.verify import default_pool
 
 _EOS_DEFAULT = r"(?:<\|endoftext\|>|<\|im_end\|>|</s>|<eos>|<\|eot_id\|>)"
 
@@ -34,7 +40,7 @@ _EOS_DEFAULT = r"(?:<\|endoftext\|>|<\|im_end\|>|</s>|<eos>|<\|eot_id\|>)"
 class _UnslothBase(RewardFunction):
     def __init__(self, markers: ReasoningMarkers | None = None, eos_token: str | None = None,
                  prompt_suffix: str | None = None, answer_column: str = "answer", require_opener: bool = True,
-                 **marker_overrides):
+                 verifier: bool = False, **marker_overrides):
         m = markers or ReasoningMarkers()
         if marker_overrides:
             m = ReasoningMarkers(**{**m.model_dump(), **marker_overrides})
@@ -42,6 +48,7 @@ class _UnslothBase(RewardFunction):
         self.prompt_suffix = prompt_suffix
         self.answer_column = answer_column
         self.require_opener = require_opener
+        self.verifier = verifier  # answer_tiers: the verifier's equality as the +3.5 tier (see the module doc)
         eos = re.escape(eos_token) if eos_token else _EOS_DEFAULT
         body = (rf"{re.escape(m.reasoning_end)}.*?{re.escape(m.solution_start)}(.+?){re.escape(m.solution_end)}"
                 rf"[\s]{{0,}}(?:{eos})?[\s]{{0,}}$")
@@ -100,30 +107,33 @@ class AnswerTiers(_UnslothBase):
 
     def __call__(self, prompts, completions, **columns):
         answers = self.answers(columns, len(completions))
-        out = []
-        for t, true_answer in zip(self.texts(prompts, completions), answers):
-            m = self.match_format.search(t)
-            if m is None:
-                out.append(-2.0)
-                continue
-            guess = m.group(1)
-            if guess == true_answer:
-                out.append(5.0)
-            elif guess.strip() == true_answer.strip():
-                out.append(3.5)
-            else:
-                try:
-                    ratio = float(guess) / float(true_answer)
-                except (ValueError, ZeroDivisionError, OverflowError):
-                    out.append(-4.5)
-                    continue
-                if 0.9 <= ratio <= 1.1:
-                    out.append(2.0)
-                elif 0.8 <= ratio <= 1.2:
-                    out.append(1.5)
-                else:
-                    out.append(-2.5)
-        return out
+        guesses = [m.group(1) if m else None for m in map(self.match_format.search, self.texts(prompts, completions))]
+        equal = self._verified(guesses, answers) if self.verifier else set()
+        return [self.score(g, a, i in equal) for i, (g, a) in enumerate(zip(guesses, answers))]
+
+    def _verified(self, guesses, answers) -> set[int]:
+        """Indices whose guess the verifier finds equal to the answer (the guess read as a tag's content)."""
+        todo = [i for i, g in enumerate(guesses) if g is not None and g.strip() != answers[i].strip()]
+        verdicts = default_pool().verify_many([(guesses[i].strip(), answers[i], "tags") for i in todo])
+        return {i for i, v in zip(todo, verdicts) if v.equal}
+
+    @staticmethod
+    def score(guess: str | None, true_answer: str, verified: bool = False) -> float:
+        if guess is None:
+            return -2.0
+        if guess == true_answer:
+            return 5.0
+        if guess.strip() == true_answer.strip() or verified:
+            return 3.5
+        try:
+            ratio = float(guess) / float(true_answer)
+        except (ValueError, ZeroDivisionError, OverflowError):
+            return -4.5
+        if 0.9 <= ratio <= 1.1:
+            return 2.0
+        if 0.8 <= ratio <= 1.2:
+            return 1.5
+        return -2.5
 
 
 class NumberMatch(_UnslothBase):

@@ -8,11 +8,13 @@ Policy (see docs/verifier.md for the reasons):
 * solution lists and sets are unordered and duplicates collapse; ``a \\pm b`` is the list ``a+b, a-b``;
 * tuples and intervals are ordered and an interval's bracket types must match, except next to ±∞;
   vectors of three or more entries may use ( ) or [ ]; a one-row/column matrix equals a tuple;
-* ``x = 3`` equals ``3`` either way round; ``x \\in S`` equals ``S``;
+* ``x = 3`` equals ``3`` either way round, and so do named answers and chains (``f(x) = 1``, ``|AB| = 1``,
+  ``x = 5+5+1 = 11``; relations.py); ``x \\in S`` equals ``S``;
 * equations are equal when (lhs - rhs) of one is a non-zero constant multiple of the other's; inequalities
   when the multiple is positive and the strictness is the same (direction is respected);
-* a gold inequality in one variable matches an equivalent interval; a gold interval does not match a
-  predicted inequality (the model could copy the condition from the problem: math-verify's rule);
+* a gold condition on one quantity matches the equivalent interval or union; a gold interval does not match
+  a predicted inequality in a lone variable (the model could copy the condition from the problem:
+  math-verify's rule), but does match a condition on a compound quantity (``0 < f(x) < 1``, ``|z| \\le 2``);
 * percent: gold ``50\\%`` accepts ``50\\%`` or ``50``; a predicted ``p\\%`` matches gold ``p`` or ``p/100``;
 * numbers are exact; a decimal literal may stand for a value with no finite decimal expansion (1/3, √2, π)
   when it has that value rounded or truncated: |d - v| <= one unit in its last place and <= 1e-4·|v|.
@@ -24,7 +26,6 @@ from decimal import Decimal
 
 from posttrain.verify.algebra import (
     RF,
-    TRANSCENDENTAL,
     Budget,
     NeedSymbolic,
     NotScalar,
@@ -37,9 +38,17 @@ from posttrain.verify.algebra import (
 )
 from posttrain.verify.evaluate import Inf, canonical_bigpow, evaluate
 from posttrain.verify.latex_parse import expand_pm
+from posttrain.verify.relations import (
+    answer_values,
+    clear_denominators,
+    condition_set,
+    named_tuple,
+    orient,
+    reduce_chain,
+    split_by_variables,
+)
 
 REL_TOL = Decimal("1e-4")
-_FLIP = {">": "<", ">=": "<="}
 _COLLECTIONS = ("list", "set", "empty")
 
 
@@ -67,91 +76,17 @@ def _is_inf(node, sign):
     return node == ("neg", ("const", "inf"))
 
 
-def _assignment(rel):
-    """``x = X`` (or ``X = x``) -> X for a single equation with a lone symbol on one side."""
-    exprs, ops = rel[1], rel[2]
-    if ops != ["="]:
-        return None
-    if exprs[0][0] == "sym" and exprs[1][0] != "sym":
-        return exprs[1]
-    if exprs[1][0] == "sym" and exprs[0][0] != "sym":
-        return exprs[0]
-    if exprs[0][0] == "sym":
-        return exprs[1]
-    return None
-
-
-def _orient(rel):
-    exprs, ops = list(rel[1]), list(rel[2])
-    if ops and all(o in _FLIP for o in ops):
-        return exprs[::-1], [_FLIP[o] for o in ops[::-1]]
-    return exprs, ops
-
-
-def ineq_interval(rel):
-    """A one-variable inequality with constant bounds -> ('brack', o, c, [lo, hi]), else None."""
-    if rel[0] != "rel":
-        return None
-    exprs, ops = _orient(rel)
-    if not all(o in ("<", "<=") for o in ops):
-        return None
-    if len(exprs) == 3 and exprs[1][0] == "sym":
-        if exprs[0][0] == "sym" or exprs[2][0] == "sym":
-            return None
-        return ("brack", "(" if ops[0] == "<" else "[", ")" if ops[1] == "<" else "]", [exprs[0], exprs[2]])
-    if len(exprs) == 2:
-        if exprs[0][0] == "sym" and exprs[1][0] != "sym":  # x < a
-            return ("brack", "(", ")" if ops[0] == "<" else "]", [("neg", ("const", "inf")), exprs[1]])
-        if exprs[1][0] == "sym" and exprs[0][0] != "sym":  # a < x
-            return ("brack", "(" if ops[0] == "<" else "[", ")", [exprs[0], ("const", "inf")])
-    return None
-
-
-def _var_of(rel):
-    exprs = rel[1]
-    return next((e[1] for e in exprs if e[0] == "sym"), None)
-
-
 def _decimal_places(node):
     while node[0] == "neg":
         node = node[1]
     return node[2] if node[0] == "num" else None
 
 
-def _split_by_variables(P: Poly):
-    groups: dict = {}
-    for (n, k, m), c in P.t.items():
-        var = tuple(xe for xe in m if xe[0] not in TRANSCENDENTAL)
-        const = tuple(xe for xe in m if xe[0] in TRANSCENDENTAL)
-        groups.setdefault(var, {})[(n, k, const)] = c
-    return {v: Poly(d) for v, d in groups.items()}
-
-
-def clear_denominators(P: Poly):
-    """Multiply by the monomial that makes every variable exponent >= 0 (y - 1/x -> xy - 1).
-
-    Returns (polynomial, whether a variable factor was multiplied in)."""
-    low: dict[str, int] = {}
-    for (_, _, m) in P.t:
-        for x, e in m:
-            if x not in TRANSCENDENTAL and e < low.get(x, 0):
-                low[x] = e
-    if not low:
-        return P, False
-    t = {}
-    for (n, k, m), c in P.t.items():
-        d = dict(m)
-        for x, e in low.items():
-            d[x] = d.get(x, 0) - e
-        t[(n, k, tuple(sorted((x, e) for x, e in d.items() if e)))] = c
-    return Poly(t), True
-
-
 def proportional(N1: Poly, N2: Poly, B):
     """N1 = c·N2 for a constant c != 0? -> sign of c (1, -1, or 0 when c is not a known real); else None."""
     if N1.is_zero() or N2.is_zero():
         return 1 if N1.is_zero() and N2.is_zero() else None
-    g1, g2 = _split_by_variables(N1), _split_by_variables(N2)
+    g1, g2 = split_by_variables(N1), split_by_variables(N2)
     if g1.keys() != g2.keys():
         return None
     m0 = min(g1)
@@ -164,9 +99,10 @@ def proportional(N1: Poly, N2: Poly, B):
 
 
 class Comparer:
-    def __init__(self, symbolic=None):
+    def __init__(self, symbolic=None, free_text: bool = False):
         self.B = Budget()
         self.symbolic = symbolic
+        self.free_text = free_text  # the prediction was read from running text (relations.py, "Free text")
         self._values: dict[int, tuple] = {}  # id(node) -> (node, value or exception): each item evaluated once
 
     def _evaluate(self, node):
@@ -187,12 +123,17 @@ class Comparer:
     def answers(self, p, g):
         pk, pitems = _collection(p)
         gk, gitems = _collection(g)
-        if gk == "list" and all(it[0] == "rel" for it in gitems):
-            ivs = [ineq_interval(it) for it in gitems]
-            if all(ivs) and len({_var_of(it) for it in gitems}) == 1 and pk == "one":
-                gk, gitems = "one", [("union", ivs)]
+        if gk == "list" and pk == "one" and all(it[0] == "rel" for it in gitems):
+            sets = [condition_set(it) for it in gitems]  # x < -1 or x > 2: one set, a union
+            if all(sets) and len({repr(subj) for subj, _ in sets}) == 1:
+                parts = [q for _, shape in sets for q in (shape[1] if shape[0] == "union" else [shape])]
+                gk, gitems = "one", [("union", parts)]
         if pk == "one" and gk == "one":
             return self.item(pitems[0], gitems[0])
+        for a, b, flip in ((pitems, gitems, False), (gitems, pitems, True)):
+            tup = named_tuple(a) if len(b) == 1 and b[0][0] == "brack" else None
+            if tup is not None:  # x = 1, y = 2 against (1, 2): the values in the order of their names
+                return self.item(b[0], tup) if flip else self.item(tup, b[0])
         pu, gu = self._dedupe(pitems), self._dedupe(gitems)
         if len(pu) != len(gu):
             return False, "different_count"
@@ -224,25 +165,26 @@ class Comparer:
                 return False, "different_variable"
             p, g = p[2], g[2]
         if g[0] == "rel" and p[0] != "rel":
-            a = _assignment(g)
-            if a is not None:
-                g = a
-            else:
-                iv = ineq_interval(g)
-                if iv is None or p[0] not in ("brack", "union"):
-                    return False, "relation_vs_value"
-                g = iv
-        if p[0] == "rel" and g[0] != "rel":
-            a = _assignment(p)
-            if a is not None:
-                p = a
-            elif g[0] in ("brack", "union") and ineq_interval(p) is not None:
-                return False, "inequality_for_interval"
-            else:
+            values = answer_values(g)
+            if values is not None:
+                return self._any_value(p, values, gold_side=True)
+            cond = condition_set(g)
+            if cond is None or p[0] not in ("brack", "union"):
                 return False, "relation_vs_value"
+            g = cond[1]
+        if p[0] == "rel" and g[0] != "rel":
+            values = answer_values(p, self.free_text)
+            if values is not None:
+                return self._any_value(g, values, gold_side=False)
+            cond = condition_set(p)
+            if cond is None or g[0] not in ("brack", "union"):
+                return False, "relation_vs_value"
+            if cond[0][0] == "var":
+                return False, "inequality_for_interval"
+            p = cond[1]
         pk, gk = p[0], g[0]
         if pk == "rel" and gk == "rel":
-            return self.relation(p, g)
+            return self.relation(reduce_chain(p), reduce_chain(g))
         if pk in _COLLECTIONS or gk in _COLLECTIONS:
             return self.answers(p, g)
         if pk == "union" or gk == "union":
@@ -260,6 +202,15 @@ class Comparer:
                 return True, "same_text"
             return False, "different_text"
         return self.leaf(p, g)
+
+    def _any_value(self, other, values, gold_side):
+        """A named answer (``x = 5+5+1 = 11``) against a value: equal when one stated value is."""
+        out = (False, "relation_vs_value")
+        for v in values:
+            out = self.item(other, v) if gold_side else self.item(v, other)
+            if out[0]:
+                return out
+        return out
 
     @staticmethod
     def _based(p, g):
@@ -315,7 +266,11 @@ class Comparer:
             if n[0] == "matrix":
                 return n[1], n[2]
             if n[0] == "brack" and n[1] + n[2] in ("()", "[]"):
-                return "vector", [n[3]]
+                rows = n[3]
+                if len(rows) > 1 and all(r[0] == "brack" and r[1] + r[2] in ("()", "[]") for r in rows) \
+                        and len({len(r[3]) for r in rows}) == 1:
+                    return "matrix", [r[3] for r in rows]  # [[1, 2], [3, 4]]: rows of a matrix
+                return "vector", [rows]
             return None, None
 
         pk, prow = cells(p)
@@ -344,14 +299,14 @@ class Comparer:
 
     # ------------------------------------------------------------ relations
     def relation(self, p, g):
-        pe, po = _orient(p)
-        ge, go = _orient(g)
+        pe, po, _ = orient(p)
+        ge, go, _ = orient(g)
         if po != go:
             return False, "different_relation"
         if len(po) > 1:
-            pi, gi = ineq_interval(p), ineq_interval(g)
-            if pi is not None and gi is not None and _var_of(p) == _var_of(g):
-                return self._brack(pi, gi)
+            pc, gc = condition_set(p), condition_set(g)
+            if pc is not None and gc is not None and pc[0] == gc[0]:
+                return self.item(pc[1], gc[1])
             for a, b in zip(pe, ge):
                 ok, why = self.item(a, b)
                 if not ok:

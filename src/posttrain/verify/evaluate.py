@@ -1,9 +1,13 @@
 """AST -> exact value (``algebra.RF`` or ``Inf``), in-process and bounded.
 
 ``evaluate`` raises ``NeedSymbolic`` for what needs sympy (functions, roots of expressions, symbolic
-exponents), ``TooLarge`` past the caps (with ``bigpow`` set for b^e with a rational |b| > 1, whose reduced
-numerator or denominator then provably exceeds every in-cap number), ``Undefined`` for 1/0 and the like,
-and ``NotScalar`` for structures.
+exponents), ``TooLarge`` past the caps, ``Undefined`` for 1/0 and the like, and ``NotScalar`` for structures.
+
+``TooLarge.bigpow`` is set only when the node evaluated *is* the power b^e (rational b not in {0, ±1}): its
+reduced numerator or denominator then provably exceeds every in-cap number, and two such powers are equal
+exactly when their canonical forms are. Any other node (a sum, product, negation, quotient, or a power of
+such a power) clears the tag on the way out: ``2^{10^6}+1`` is "too large", never "the same as 2^{10^6}"
+(issue 17 item 9: the tag used to survive enclosing ``+``/``·`` and made different numbers equal).
 """
 
 from __future__ import annotations
@@ -56,7 +60,17 @@ def _integer(v, what):
 
 
 def evaluate(node, B: Budget | None = None):
+    """The exact value of ``node`` (see the module doc for what it raises)."""
     B = B or Budget()
+    try:
+        return _value(node, B)
+    except TooLarge as exc:
+        if exc.bigpow is not None and node[0] != "pow":
+            raise TooLarge(str(exc)) from None  # the tag describes a sub-expression, not this value
+        raise
+
+
+def _value(node, B: Budget):
     kind = node[0]
     if kind == "num":
         return RF.const(B.frac(node[1]))
@@ -149,7 +163,10 @@ def evaluate(node, B: Budget | None = None):
 
 
 def _pow(node, B):
-    base = evaluate(node[1], B)
+    try:
+        base = evaluate(node[1], B)
+    except TooLarge as exc:
+        raise TooLarge(str(exc)) from None  # (b^e)^k: the inner tag is not this value's form
     if isinstance(base, Inf):
         raise NeedSymbolic("power of oo")
     r = base.rational()
@@ -161,7 +178,7 @@ def _pow(node, B):
         bp = exc.bigpow
         if r is not None and r not in (0, 1, -1) and bp is not None and bp[0] > 1 and (bp[1] is None or bp[1] > 0):
             raise TooLarge("power tower", bigpow=(r, None)) from None
-        raise
+        raise TooLarge(str(exc)) from None
     if isinstance(exp, Inf):
         raise NeedSymbolic("power with infinite exponent")
     e = exp.rational()

@@ -11,13 +11,15 @@ AST nodes are tuples whose first element is the kind:
     ('fact', x) ('pct', x) ('abs', x) ('binom', n, k) ('func', name, arg, base|None, power|None)
     ('pm', a|None, b, sign)      a ± b (sign +1) or a ∓ b (sign -1); expanded by ``expand_pm``
     ('list', items) ('set', items) ('brack', open, close, items) ('matrix', kind, rows)
-    ('union', parts) ('rel', exprs, ops) ('in', lhs, rhs) ('empty',)
+    ('union', parts) ('rel', exprs, ops, names) ('in', lhs, rhs) ('empty',)
+                                 names[k]: member k is a name for the answer (names.py), e.g. f(x), |AB|
     ('based', digits, base)      a numeral written in a base, 52_8
 """
 
 from __future__ import annotations
 
 from posttrain.verify.latex_lex import ParseError, collapse_parens, number, tokenize
+from posttrain.verify.names import DECORATIONS, GREEK, NAME_CMDS, is_name
 
 MAX_DEPTH = 400
 MAX_ITEMS = 64
@@ -29,12 +31,7 @@ FUNCS = {
     "ln", "log", "exp", "lg", "arccot", "arcsec", "arccsc", "coth", "lcm", "gcd", "max", "min", "det",
     "floor", "ceil",
 }
-GREEK = {
-    "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "iota",
-    "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
-    "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega",
-}
-RELOPS = {"=": "=", "<": "<", ">": ">", "\\leq": "<=", "\\geq": ">=", "\\neq": "!="}
+RELOPS = {"=": "=", "<": "<", ">": ">", "\\leq": "<=", "\\geq": ">=", "\\neq": "!=", "\\approx": "~="}
 MATRIX_ENVS = {"pmatrix", "bmatrix", "matrix", "vmatrix", "Bmatrix", "smallmatrix", "array", "Vmatrix"}
 
 class _Parser:
@@ -95,8 +92,9 @@ class _Parser:
 
     def parse_relation(self):
         self.enter()
+        start = self.i
         first = self.parse_union()
-        exprs, ops = [first], []
+        exprs, ops, spans = [first], [], [(start, self.i)]
         while True:
             k, v = self.peek()
             op = RELOPS.get(v) if k in ("op", "cmd") else None
@@ -109,9 +107,13 @@ class _Parser:
                 break
             self.next()
             ops.append(op)
+            start = self.i
             exprs.append(self.parse_union())
+            spans.append((start, self.i))
         self.depth -= 1
-        return first if not ops else ("rel", exprs, ops)
+        if not ops:
+            return first
+        return ("rel", exprs, ops, tuple(is_name(self.t[a:b]) for a, b in spans))
 
     def parse_union(self):
         parts = [self.parse_additive()]
@@ -155,7 +157,7 @@ class _Parser:
             return v == "("
         if k == "cmd":
             name = v[1:]
-            return name in FUNCS or name in GREEK or name in (
+            return name in FUNCS or name in GREEK or name in NAME_CMDS or name in DECORATIONS or name in (
                 "frac", "sqrt", "pi", "infty", "binom", "mathbb", "exp", "overline",
             )
         return k in ("num", "id")
@@ -379,6 +381,10 @@ class _Parser:
             if v not in ("\\rfloor", "\\rceil"):
                 raise ParseError("unclosed floor")
             return ("func", name[1:], inner, None, None)
+        if name in NAME_CMDS:
+            return ("sym", name)
+        if name in DECORATIONS:  # \overline{AB}, \vec{v}: the decorated name
+            return self.tex_arg()
         if name in GREEK:
             node = ("sym", name)
             if self.at("op", "_"):

@@ -9,7 +9,12 @@ written down in ``docs/verifier.md``; the short version:
 * thousands separators are joined: ``1\\,234``, ``1{,}234`` and ``1 234`` always, ``1,234`` only when the
   caller says commas are thousands separators (the gold is a single value, see ``verifier.py``);
 * currency (``\\$``, ``USD``), degree signs and trailing unit words or ``\\text{ cm}`` are removed;
-* ``\\text{ or }`` / ``\\text{and}`` between answers become list commas.
+* ``\\text{ or }`` / ``\\text{and}`` between answers become list commas;
+* ``\\approx``, ``\\simeq``, ``≈`` are one relation (``\\approx``), ``pct``/``percent`` are ``%``.
+
+An answer longer than ``MAX_ANSWER_CHARS`` only has its whitespace collapsed, and is never cut: the
+verifier compares such answers as whole strings (a cut prefix once made two different 100,000-digit numbers
+"the same string").
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ _UNICODE = {
     "\u00f7": r"\div ", "\u03c0": r"\pi ", "\u221e": r"\infty ", "\u221a": r"\sqrt", "\u222a": r"\cup ",
     "\u2229": r"\cap ", "\u00b1": r"\pm ", "\u2213": r"\mp ", "\u2264": r"\leq ", "\u2265": r"\geq ",
     "\u2260": r"\neq ", "\u2208": r"\in ", "\u2205": r"\emptyset ", "\u00b0": "", "\u2009": " ",
-    "\u202f": " ", "\u00a0": " ", "\u2032": "'", "\uff0c": ",", "\u3002": ".", "\u00bd": "1/2",
+    "\u202f": " ", "\u00a0": " ", "\u2032": "'", "\u2248": r"\approx ", "\uff0c": ",", "\u3002": ".", "\u00bd": "1/2",
     "\u2044": "/", "\u00bc": "1/4", "\u00be": "3/4", "\u20ac": "", "\u00a3": "", "\u00a5": "",
 }
 _UNICODE_RE = re.compile("|".join(re.escape(k) for k in _UNICODE))
@@ -37,21 +42,25 @@ _COMMA_THOUSANDS_RE = re.compile(r"(?<![\d.,])(\d{1,3})((?:,\d{3})+)(?![\d,])")
 _DECIMAL_COMMA_RE = re.compile(r"(?<=\d)\{,\}(?=\d)")
 _SPACES_RE = re.compile(r"\\(?:,|;|:| |quad|qquad|enspace|thinspace|medspace|thickspace)(?![a-zA-Z])|~")
 _FRAC_RE = re.compile(r"\\[dtc]frac(?![a-zA-Z])")
-_DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|\^\s*\{\s*\\text\{\s*o\s*\}\s*\}")
-_TEXT_CMD_RE = re.compile(r"\\(?:textbf|textit|textrm|textsf|texttt|textup|mbox|hbox|mathrm|mathbf|mathit|mathsf|boldsymbol|bm|operatorname|mathup|emph)\s*\{")
+_DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![a-zA-Z])|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|\^\s*\{\s*\\text\{\s*o\s*\}\s*\}")
+_TEXT_CMD_RE = re.compile(r"\\(?:textnormal|textbf|textit|textrm|textsf|texttt|textup|mbox|hbox|mathrm|mathbf|mathit|mathsf|boldsymbol|bold|bm|operatorname|mathup|emph)\s*\{")
 _REL_RE = [
     (re.compile(r"\\(?:leqslant|leq|le|leqq)(?![a-zA-Z])|<=|=<"), r"\\leq "),
     (re.compile(r"\\(?:geqslant|geq|ge|geqq)(?![a-zA-Z])|>=|=>"), r"\\geq "),
-    (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|!="), r"\\neq "),
+    (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|(?<![\d)}!])!="), r"\\neq "),  # 7!=5040 is a factorial
     (re.compile(r"\\lt(?![a-zA-Z])"), "<"),
     (re.compile(r"\\gt(?![a-zA-Z])"), ">"),
+    (re.compile(r"\\(?:approx|simeq|thickapprox|doteq|sim)(?![a-zA-Z])"), r"\\approx "),
+    (re.compile(r"\s*\\pmod\s*(?:\{[^{}]*\}|\w+)|\s*\(\s*\\(?:bmod|mod)\s*\w+\s*\)"), ""),  # "\pmod{7}": a note
+    (re.compile(r"\\equiv(?![a-zA-Z])"), "="),
+    (re.compile(r"(?<=\d)\s+x\s+(?=10\s*\^)"), r"\\times "),  # 4.4 x 10^7
 ]
 _EMPTY_RE = re.compile(r"\\(?:varnothing|emptyset)(?![a-zA-Z])|\\\{\s*\\\}|\{\s*\}")
 _ANGLE_RE = re.compile(r"\\langle(?![a-zA-Z])|\\rangle(?![a-zA-Z])")
 _BRACE_CMD_RE = re.compile(r"\\lbrace(?![a-zA-Z])|\\rbrace(?![a-zA-Z])")
 _CURRENCY_RE = re.compile(r"\\\$|\\(?:euro|pounds|yen)(?![a-zA-Z])|\b(?:USD|US\$|EUR|GBP)\b|\bRs\.?(?=\s*\d)")
 _WORD_SEP_RE = re.compile(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|(?<![a-zA-Z\\])(?:or|and)(?![a-zA-Z]))\s*")
-_PERCENT_RE = re.compile(r"\\%|\\percent(?![a-zA-Z])|\bpercent\b|\bper cent\b")
+_PERCENT_RE = re.compile(r"\\%|\\percent(?![a-zA-Z])|\s*\bper\s?cent\b|\s*\bpct\b\.?")
 _UNIT_WORDS = (
     r"square\s+units?|sq\.?\s*units?|cubic\s+units?|units?|square\s+(?:feet|foot|meters?|inches|cm|centimeters?|miles?|yards?)|"
     r"cm|mm|km|meters?|metres?|centimeters?|kilometers?|millimeters?|inches|inch|feet|foot|ft|miles?|yards?|yds?|"
@@ -154,7 +163,7 @@ def normalize(s: str, *, comma_thousands: bool = False) -> str:
     """
     s = s.strip()
     if len(s) > MAX_ANSWER_CHARS:
-        return _WS_RE.sub(" ", s[: MAX_ANSWER_CHARS * 2]).strip()
+        return _WS_RE.sub(" ", s.replace("\x00", "")).strip()
     s = s.replace("\x00", "").replace("\\\\", "\x00")  # protect the row separator \\ from the rules below
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
     s = _CURRENCY_RE.sub("", s)

@@ -71,17 +71,19 @@ class VerifierPool:
         self.stats = {"fast": 0, "pooled": 0, "timeouts": 0, "crashes": 0, "restarts": 0}
 
     # ------------------------------------------------------------ public
-    def verify(self, prediction: str, gold: str, timeout: float | None = None) -> Verdict:
-        return self.verify_many([(prediction, gold)], timeout=timeout)[0]
+    def verify(self, prediction: str, gold: str, timeout: float | None = None, rule: str | None = None) -> Verdict:
+        return self.verify_many([(prediction, gold, rule)], timeout=timeout)[0]
 
     def verify_many(self, pairs, timeout: float | None = None) -> list[Verdict]:
-        """Verdicts for (prediction, gold) pairs, in order."""
-        pairs = [("" if p is None else str(p), "" if g is None else str(g)) for p, g in pairs]
+        """Verdicts for (prediction, gold) pairs, in order; a pair may carry a third item, the extraction
+        rule of an already extracted prediction (see ``posttrain.verify.verify``)."""
+        pairs = [("" if t[0] is None else str(t[0]), "" if t[1] is None else str(t[1]), t[2] if len(t) > 2 else None)
+                 for t in pairs]
         out: list[Verdict | None] = [None] * len(pairs)
         todo = []
-        for i, (p, g) in enumerate(pairs):
+        for i, (p, g, r) in enumerate(pairs):
             try:
-                v = verify_fast(p, g)
+                v = verify_fast(p, g, r)
             except RecursionError:
                 v = Verdict(False, "too_large")
             except Exception:  # noqa: BLE001 - the worker will decide and report

@@ -8,8 +8,10 @@ for answers our grammar does not parse.
 
 Scalar comparison:
 * constants: exact for rationals; otherwise both sides are evaluated to 50 significant digits and
-  are equal when they agree to 40 (relative, so 1/2006! and 1/2004! stay apart); a decimal literal may
-  also match by the rounding rule of ``compare.py``;
+  are equal when they agree to 40 (relative, so 1/2006! and 1/2004! stay apart) and their difference,
+  evaluated with the precision sympy adapts to cancellation, is not a non-zero number (so
+  ``10^{50}\\sin 1`` and ``10^{50}\\sin 1 + 1`` stay apart); a decimal literal may also match by the rounding
+  rule of ``compare.py``;
 * expressions with variables: evaluated at six fixed pseudo-random points (both signs, complex values
   allowed); any clear difference means not equal, agreement everywhere means equal.
 """
@@ -144,6 +146,18 @@ def _num(expr, digits=50):
         return None
 
 
+def _surely_nonzero(diff) -> bool:
+    """Does the difference evaluate, with the precision sympy adapts to cancellation, to a non-zero number?
+    (A relative agreement of 40 digits cannot tell x from x + 1 once |x| > 10^40.)"""
+    try:
+        v = sp.N(diff, 15, maxn=400)
+    except (ArithmeticError, ValueError, TypeError):
+        return False
+    if not isinstance(v, sp.Float):
+        return v.is_number and v != 0 and v.is_zero is False
+    return v != 0 and v._prec > 1  # 0.e-376 (precision 1) is sympy's "zero to all the digits it tried"
+
+
 def _close(a, b, rel):
     (ar, ai), (br, bi) = a, b
     scale = max(abs(ar), abs(ai), abs(br), abs(bi))
@@ -188,6 +202,8 @@ class SympyBackend:
             if va is None or vb is None:
                 return (True, "symbolic") if sp.simplify(a - b) == 0 else (False, "different_value")
             if _close(va, vb, Decimal("1e-40")):
+                if _surely_nonzero(a - b):  # agree to 40 digits yet differ: 10^50·sin 1 vs 10^50·sin 1 + 1
+                    return False, "different_value"
                 return True, "numeric"
             for node, dv, ov in ((p, va, vb), (g, vb, va)):
                 places = _decimal_places(node) if node is not None else None

@@ -1,0 +1,3 @@
+module posttrain/ollamarender
+
+go 1.19
