@@ -46,7 +46,7 @@ _TEXT_ARG_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mbo
 _PROSE_RE = re.compile(r"(?<![A-Za-z\\])(?=[A-Za-z]*[a-z])[A-Za-z]{2,}[ \t\n]+[A-Za-z]{2,}(?![A-Za-z])")
 _SENTENCE_END_RE = re.compile(r"(?:(?<!\d)\.(?!\d)|[!?;\n]|(?<=\d)\.(?=\s)|,\s*(?=(?:so|hence|thus|therefore)\b))")
 CLAUSE_RE = re.compile(r"[,;]\s+(?!(?:and|or)\b)(?=[A-Za-z]{3,})|\s+(?:since|because|as|which|where|when)\s+")
-_VERB_RE = re.compile(r"(?i)(?:\b(?:is|are|was|equals?|be|gives?|get|obtain|yields?)\b|"
+_VERB_RE = re.compile(r"(?i)(?:\b(?:is|are|was|equals?|be|gives?|gets?|got|receives?|obtain|yields?)\b|"
                       r"\b(?:simplifies|reduces|comes|equal|amounts|evaluates)\s+to\b|=|:)\s*")
 _VALUE_START_RE = re.compile(r"[-+(\[\\\d$]|[A-Za-z](?![A-Za-z])")
 _PART_RE = re.compile(r"\b[Pp]art\s*\(?([a-h])\b\)?|(?:^|(?<=[\s.;:,*{]))\(([a-h])\)|^[ \t]*([a-h])\)", re.MULTILINE)
@@ -69,6 +69,7 @@ _BARE_VALUE_RE = re.compile(r"[-+]?\$?\d[\d,.]*(?:\s*[A-Za-z/%{}~^\-\d\s]{0,30})
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w.]*\d)")
 _CONCLUDES_RE = re.compile(r"(?i)\s*(?:so|thus|therefore|hence|in total|altogether|finally|in all|overall)\b")
 MAX_FINAL_SENTENCE = 300
+_PART_JOIN_RE = re.compile(r"[\s,;]*(?:\b(?:and|while|whereas)\b)?[\s,;]*(?:\b(?:for|in)\b)?\s*$")
 
 
 def strip_drawings(text: str) -> str:
@@ -281,5 +282,5 @@ def part_spans(text: str) -> list[str]:
     out = []
     for i, (_, end, _) in enumerate(marks):
         stop = marks[i + 1][2] if i + 1 < len(marks) else len(text)
-        out.append(text[end:stop])
+        out.append(_PART_JOIN_RE.sub("", text[end:stop]))  # "… is 3, and for part (b) …": not part of 3
     return out
