@@ -16,6 +16,8 @@ import sys
 COMMANDS = {
     "sft": "posttrain.commands.sft_cmd",
     "grpo": "posttrain.commands.grpo_cmd",
+    "rm": "posttrain.commands.rm_cmd",  # registers eval-rm too
+    "dpo": "posttrain.commands.dpo_cmd",
     "verify": "posttrain.commands.verify_cmd",
     "eval": "posttrain.commands.eval_cmd",
     "export": "posttrain.commands.export_cmd",

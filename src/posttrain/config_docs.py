@@ -22,6 +22,8 @@ from pydantic_core import PydanticUndefined
 from posttrain.config import EvalConfig, SFTRecipe
 from posttrain.grpo.config import GRPORecipe
 from posttrain.pipeline_config import STAGE_MODELS, PipelineConfig
+from posttrain.preference.config import RMRecipe
+from posttrain.preference.dpo_config import DPORecipe
 
 # kind -> (model, what it configures)
 KINDS: dict[str, tuple[type[BaseModel], str]] = {
@@ -29,6 +31,10 @@ KINDS: dict[str, tuple[type[BaseModel], str]] = {
                         "command line use the same dotted keys (`train.lr=1e-4`, `lora=null`).")),
     "grpo": (GRPORecipe, ("A GRPO recipe: `posttrain grpo RECIPE [key=value ...]`: the SFT sections (with GRPO's own "
                           "train defaults) plus `grpo` and `rewards`.")),
+    "dpo": (DPORecipe, ("A DPO recipe: `posttrain dpo RECIPE [key=value ...]`: the SFT sections with preference "
+                        "pairs as `data`, plus `dpo` (loss type, beta, reference) and `init_adapter`.")),
+    "rm": (RMRecipe, ("A reward-model recipe: `posttrain rm RECIPE [key=value ...]`: the SFT sections with "
+                      "preference pairs as `data`, plus `rm` and `init_adapter`.")),
     "eval": (EvalConfig, ("The evaluation settings: the options of `posttrain eval` (`--max-new-tokens` sets "
                           "`max_new_tokens`) and the keys of a pipeline's eval stage. The models, adapters, "
                           "benchmarks and output folder are the command's own options (`posttrain eval --help`).")),
@@ -38,7 +44,7 @@ KINDS: dict[str, tuple[type[BaseModel], str]] = {
 
 
 INTRO = ("Every key of a recipe, of the evaluation settings and of a pipeline file, with its type, default and "
-         "meaning. Generated from the typed models (`src/posttrain/config.py`, `grpo/config.py`, `pipeline_config.py`) "
+         "meaning. Generated from the typed models (`src/posttrain/config.py`, `grpo/config.py`, `preference/config.py`, `preference/dpo_config.py`, `pipeline_config.py`) "
          "by `posttrain config show --markdown all > docs/config.md`; edit the models' descriptions, not this file. "
          "`posttrain config show sft` prints one of them in the terminal.")
 SECTION = "(keys below)"  # the default of a section that has one: its keys' defaults

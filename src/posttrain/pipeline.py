@@ -46,7 +46,7 @@ import yaml
 from posttrain import recipes, runs
 from posttrain.errors import UserError
 from posttrain.fileops import remove_tree
-from posttrain.pipeline_config import StageConfig, parse_pipeline
+from posttrain.pipeline_config import POLICY, TRAINING, StageConfig, parse_pipeline
 
 DONE = "DONE"
 STARTED = "STARTED"  # what an unfinished stage was started with (a mismatch starts it over)
@@ -82,7 +82,7 @@ def load_pipeline(path: str | Path, out: str | Path | None = None,
     run_dir = Path(out or cfg.output_dir or f"runs/{path.stem}")
     pipe = Pipeline(path, run_dir, cfg.model)
     for i, (spec, stage) in enumerate(zip(written, cfg.stages)):
-        if stage.command in ("sft", "grpo"):
+        if stage.command in TRAINING:
             stage.recipe = str(_find_recipe(path, stage.recipe, f"{path}: stages[{i}] ({stage.name})"))
         pipe.stages.append(Stage(stage.name, stage.command, spec, run_dir / stage.name, stage))
     return pipe
@@ -134,30 +134,48 @@ def _trained_output(run: Path) -> tuple[str, Path]:
 # stages
 
 
-def _train_config(stage: Stage, pipe: Pipeline, prev: Path | None):
-    from posttrain.config import SFTRecipe, load_recipe
-    from posttrain.grpo.config import GRPORecipe
+def _trainer(command: str):
+    """(recipe class, train function) of a training stage; imported on use (they load torch)."""
+    if command == "sft":
+        from posttrain.config import SFTRecipe
+        from posttrain.sft import train
+        return SFTRecipe, train
+    if command == "grpo":
+        from posttrain.grpo.config import GRPORecipe
+        from posttrain.grpo.loop import train
+        return GRPORecipe, train
+    if command == "dpo":
+        from posttrain.preference.dpo import train
+        from posttrain.preference.dpo_config import DPORecipe
+        return DPORecipe, train
+    from posttrain.preference.config import RMRecipe
+    from posttrain.preference.rm import train
+    return RMRecipe, train
 
-    overrides = list(stage.config.overrides)
+
+def _train_config(stage: Stage, pipe: Pipeline, prev: Path | None):
+    """The stage's recipe with the pipeline's model, the previous policy stage's output (an adapter continues as
+    ``init_adapter`` in grpo, dpo and rm; full weights as ``model.name``) and ``{run}`` in overrides replaced by
+    the run directory (a grpo stage naming an rm stage's reward model: ``model: '{run}/rm'``)."""
+    from posttrain.config import load_recipe
+
+    overrides = [o.replace("{run}", str(pipe.run_dir)) for o in stage.config.overrides]
     head = [f"model.name={pipe.model}"] if pipe.model else []
     if prev is not None:
         kind, path = _trained_output(prev)
-        if stage.command == "grpo" and kind == "adapter":
+        if stage.command != "sft" and kind == "adapter":
             if not any(o.split("=", 1)[0].strip() == "init_adapter" for o in overrides):
                 head.append(f"init_adapter={path}")
         else:  # a full fine-tune (or sft after sft): continue from its weights
             head = [f"model.name={path}"]
-    cls = SFTRecipe if stage.command == "sft" else GRPORecipe
+    cls, _ = _trainer(stage.command)
     return load_recipe(stage.config.recipe, head + overrides + [f"output_dir={stage.dir}"], cls)
 
 
 def _run_train(stage: Stage, cfg) -> dict:
     from posttrain.checkpoint import checkpoints_dir, list_checkpoints
 
-    if stage.command == "sft":
-        from posttrain.sft import train
-    else:
-        from posttrain.grpo.loop import train
+    _, train = _trainer(stage.command)
     if runs.final_output(stage.dir) is not None:  # killed after its final save, before DONE: training finished
         print(f"[posttrain] {stage.name}: training finished already ({runs.final_output(stage.dir)[1]})")
         return {"resumed": True}
@@ -237,13 +255,16 @@ def _save_pipeline_file(pipe: Pipeline) -> None:
 
 def _run_stages(pipe: Pipeline) -> None:
     print(f"[posttrain] pipeline {pipe.path} -> {pipe.run_dir} ({', '.join(s.name for s in pipe.stages)})")
-    prev: Path | None = None        # the latest training stage's run directory
+    prev: Path | None = None        # the latest policy-training stage's run directory (not a reward model's)
     first_model: str | None = None  # the base model of the first training stage
     t_all = time.perf_counter()
     for k, stage in enumerate(pipe.stages, 1):
         head = f"[posttrain] stage {k}/{len(pipe.stages)} {stage.name} ({stage.command})"
+        latest = prev
+        if stage.config.start_from is not None:  # an earlier policy stage instead of the latest one
+            prev = pipe.run_dir / stage.config.start_from
         cfg, target, source = None, None, None
-        if stage.command in ("sft", "grpo"):
+        if stage.command in TRAINING:
             cfg = _train_config(stage, pipe, prev)
             first_model = first_model or cfg.model.name
             fp = _fingerprint({"command": stage.command, "recipe": cfg.model_dump(mode="json")})
@@ -294,8 +315,7 @@ def _run_stages(pipe: Pipeline) -> None:
                                 "continue") from None
             _mark_done(stage, fp, time.perf_counter() - t0, {"input": stamp, **info})
             gc.collect()
-        if stage.command in ("sft", "grpo"):
-            prev = stage.dir
+        prev = stage.dir if stage.command in POLICY else latest
     _save_pipeline_file(pipe)
     print(f"[posttrain] pipeline finished in {time.perf_counter() - t_all:.0f}s")
 
@@ -305,7 +325,7 @@ def _first_train_model(pipe: Pipeline) -> str | None:
     if pipe.model:
         return pipe.model
     for stage in pipe.stages:
-        if stage.command in ("sft", "grpo"):
+        if stage.command in TRAINING:
             data = yaml.safe_load(Path(stage.config.recipe).read_text()) or {}
             name = (data.get("model") or {}).get("name")
             for o in stage.config.overrides:

@@ -30,13 +30,16 @@ NAME = ("the stage's name, unique in the pipeline; its output goes to RUN/<name>
 # a plain folder name: never '.', '..', a path, or a hidden name (a rerun deletes RUN/<name>/ to redo a stage)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 RESERVED = ("report.md", "pipeline.yaml", "plots")
-COMMAND = "what the stage runs: sft, grpo, eval or export; defaults to the stage's name"
+COMMAND = "what the stage runs: sft, grpo, dpo, rm, eval or export; defaults to the stage's name"
 
 
 class StageBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: str = Field(..., description=NAME)
+    start_from: str | None = Field(
+        None, description="the name of an earlier sft, grpo or dpo stage whose model this stage takes (two GRPO "
+                          "runs from the same SFT model, an eval of each); null: the latest such stage before it")
 
 
 class TrainStage(StageBase):
@@ -59,6 +62,21 @@ class GRPOStage(TrainStage):
     """GRPO, continuing the previous training stage's adapter (``init_adapter``) or weights."""
 
     command: Literal["grpo"] = Field("grpo", description=COMMAND)
+
+
+class DPOStage(TrainStage):
+    """DPO (or IPO, SimPO) on preference pairs, continuing the previous training stage's adapter or weights."""
+
+    command: Literal["dpo"] = Field("dpo", description=COMMAND)
+
+
+class RMStage(TrainStage):
+    """A Bradley-Terry reward model (``posttrain rm``), started from the previous training stage's model (its adapter
+    merged in). It is not the policy: later eval, export and training stages keep taking the latest sft, grpo or
+    dpo stage's model. A later stage names it in an override through ``{run}``, the pipeline's run directory:
+    ``rewards=[{name: reward_model, model: '{run}/rm'}]``."""
+
+    command: Literal["rm"] = Field("rm", description=COMMAND)
 
 
 class EvalStage(EvalConfig, StageBase):
@@ -90,9 +108,12 @@ class ExportStage(StageBase):
     verify: bool = Field(True, description="load the export back and compare it with its source before keeping it")
 
 
-StageConfig = Annotated[SFTStage | GRPOStage | EvalStage | ExportStage, Field(discriminator="command")]
-STAGE_MODELS: dict[str, type[StageBase]] = {"sft": SFTStage, "grpo": GRPOStage, "eval": EvalStage,
-                                            "export": ExportStage}
+StageConfig = Annotated[SFTStage | GRPOStage | DPOStage | RMStage | EvalStage | ExportStage,
+                        Field(discriminator="command")]
+STAGE_MODELS: dict[str, type[StageBase]] = {"sft": SFTStage, "grpo": GRPOStage, "dpo": DPOStage, "rm": RMStage,
+                                            "eval": EvalStage, "export": ExportStage}
+TRAINING = ("sft", "grpo", "dpo", "rm")  # stages that run a trainer on a recipe
+POLICY = ("sft", "grpo", "dpo")          # ... and whose model the later stages take
 COMMANDS = tuple(STAGE_MODELS)
 
 
@@ -122,9 +143,24 @@ def parse_pipeline(data: Any, path: Path, extra: dict[str, dict] | None = None) 
         raise UserError(f"no stage named {sorted(extra)} in {path}; its stages: {sorted(s['name'] for s in written)}")
     stages = [{**s, "name": str(s["name"]), "command": s.get("command", s["name"])} for s in written]
     try:
-        return PipelineConfig.model_validate({**data, "stages": stages}), written
+        cfg = PipelineConfig.model_validate({**data, "stages": stages})
     except ValidationError as err:
         raise UserError(_format_error(err, path, stages)) from None
+    _check_inputs(cfg, path)
+    return cfg, written
+
+
+def _check_inputs(cfg: PipelineConfig, path: Path) -> None:
+    """``start_from`` names an earlier policy stage (its model exists when this stage runs)."""
+    earlier: dict[str, str] = {}
+    for i, st in enumerate(cfg.stages):
+        if st.start_from is not None and earlier.get(st.start_from) not in POLICY:
+            kind = earlier.get(st.start_from)
+            why = (f"stage {st.start_from!r} is an {kind} stage, not a policy (sft, grpo, dpo)" if kind else
+                   f"no stage named {st.start_from!r} comes before it")
+            raise UserError(f"{_where(path, i, st.name)}: start_from: {why}; name one of "
+                            f"{[n for n, k in earlier.items() if k in POLICY] or 'the earlier sft/grpo/dpo stages'}")
+        earlier[st.name] = st.command
 
 
 def _stage_as_written(path: Path, i: int, spec: Any, seen: set[str], extra: dict[str, dict]) -> dict:
@@ -160,7 +196,7 @@ def _format_error(err: ValidationError, path: Path, stages: list[dict]) -> str:
         loc = e["loc"]
         if len(loc) >= 3 and loc[0] == "stages" and loc[2] in STAGE_MODELS:
             i, command = int(loc[1]), str(loc[2])
-            article = "a" if command == "grpo" else "an"
+            article = "a" if command in ("grpo", "dpo") else "an"
             where = _where(path, i, f"{stages[i]['name']}, {article} {command} stage")
             lines.append(f"{where}: {describe_error(e, STAGE_MODELS[command], loc[3:])}")
         else:

@@ -27,6 +27,7 @@ from posttrain.data.loading import read_jsonl
 from posttrain.evaluation.metrics import k_curves
 from posttrain.evaluation.references import reference_table
 from posttrain.evaluation.report import percent
+from posttrain.pipeline_config import TRAINING
 
 Z95 = 1.959963984540054
 
@@ -75,7 +76,7 @@ def paired_difference(before: list[dict], after: list[dict]) -> dict | None:
 
 def collect(run_dir: Path, stages) -> dict:
     """Everything the report shows, as plain data (also written to report.json)."""
-    out: dict = {"stages": [], "evals": [], "sampled": [], "sft": {}, "grpo": {}}
+    out: dict = {"stages": [], "evals": [], "sampled": [], "sft": {}, "grpo": {}, "dpo": {}, "rm": {}}
     for st in stages:
         d = run_dir / st.name
         done = _json(d / "DONE") if (d / "DONE").is_file() else None
@@ -98,7 +99,7 @@ def collect(run_dir: Path, stages) -> dict:
                                            **k_curves(_jsonl(d / "samples.jsonl"))})
                 else:
                     out["evals"].append(entry)
-        elif st.command in ("sft", "grpo"):
+        elif st.command in TRAINING:
             rows = _jsonl(d / "metrics.jsonl")
             if rows:
                 out[st.command][st.name] = rows
@@ -200,20 +201,44 @@ def _reward_names(rows: list[dict]) -> list[str]:
     return sorted({k.split("/")[1] for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
 
 
+def _first_last_table(kind: str, name: str, rows: list[dict], keys: list[str]) -> list[str]:
+    """Means of ``keys`` over the first and the last few logged steps; validation metrics (``val_*``, logged only
+    at evaluations) at the first and the last evaluation."""
+    train = [r for r in rows if "step_time" in r or "loss" in r] or rows
+    k = max(1, min(5, len(train) // 2))
+    first, last = train[:k], train[-k:]
+    lines = [f"{kind} stage `{name}`: {rows[-1]['step']} steps; means over the first and the last {k} steps "
+             "(validation: the first and the last evaluation).", "", "| metric | first | last |", "|---|---:|---:|"]
+    for key in keys:
+        if key.startswith("val_"):
+            vals = [r[key] for r in rows if key in r]
+            if vals:
+                lines.append(f"| {key} | {_num(vals[0])} | {_num(vals[-1])} |")
+        elif any(key in r for r in train):
+            lines.append(f"| {key} | {_num(_mean([r.get(key) for r in first]))} | "
+                         f"{_num(_mean([r.get(key) for r in last]))} |")
+    return lines + [""]
+
+
 def _grpo_table(stages: dict[str, list[dict]]) -> list[str]:
     lines = []
     for name, rows in stages.items():
-        k = max(1, min(5, len(rows) // 2))
-        first, last = rows[:k], rows[-k:]
-        lines += [f"GRPO stage `{name}`: {rows[-1]['step']} steps; means over the first and the last {k} steps.", "",
-                  "| metric | first | last |", "|---|---:|---:|"]
         keys = ["reward", *[f"rewards/{n}/mean" for n in _reward_names(rows)], "completions/mean_length",
                 "completions/clipped_ratio", "frac_reward_zero_std", "step_time"]
-        for key in keys:
-            if any(key in r for r in rows):
-                lines.append(f"| {key} | {_num(_mean([r.get(key) for r in first]))} | "
-                             f"{_num(_mean([r.get(key) for r in last]))} |")
-        lines.append("")
+        lines += _first_last_table("GRPO", name, rows, keys)
+    return lines
+
+
+DPO_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+            "logps/rejected", "val_loss", "val_rewards/accuracies", "val_rewards/margins", "step_time"]
+RM_KEYS = ["loss", "accuracy", "margin", "mean_reward", "val_loss", "val_accuracy", "val_margin", "step_time"]
+
+
+def _preference_tables(data: dict) -> list[str]:
+    lines = []
+    for kind, title, keys in (("dpo", "DPO", DPO_KEYS), ("rm", "Reward model", RM_KEYS)):
+        for name, rows in data[kind].items():
+            lines += _first_last_table(title, name, rows, keys)
     return lines
 
 
@@ -264,6 +289,22 @@ def _plots(data: dict, plot_dir: Path) -> list[tuple[str, str]]:
         ax.set_ylabel("mean completion length (tokens)")
         ax.legend()
         save(fig, "completion_length.png", "GRPO completion length")
+    for kind, key, title in (("dpo", "rewards/accuracies", "DPO"), ("rm", "accuracy", "Reward model")):
+        if not data[kind]:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name, rows in data[kind].items():
+            train = [(r["step"], r[key]) for r in rows if key in r]
+            if train:
+                ax.plot(*zip(*train), label=f"{name} pairwise accuracy (train)")
+            val = [(r["step"], r[f"val_{key}"]) for r in rows if f"val_{key}" in r]
+            if val:
+                ax.plot(*zip(*val), "o--", label=f"{name} pairwise accuracy (validation)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("chosen ranked above rejected")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+        save(fig, f"{kind}_accuracy.png", f"{title}: pairwise accuracy")
     if data["sampled"]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for i, s in enumerate(data["sampled"]):
@@ -328,6 +369,8 @@ def write_report(pipe) -> Path:
         lines += ["## SFT", ""] + _sft_table(data["sft"]) + [""]
     if data["grpo"]:
         lines += ["## GRPO", ""] + _grpo_table(data["grpo"])
+    if data["dpo"] or data["rm"]:
+        lines += ["## Preference stages (DPO, reward models)", ""] + _preference_tables(data)
     plots = _plots(data, run_dir / "plots")
     lines += ["## Plots", ""]
     if plots:
@@ -337,5 +380,5 @@ def write_report(pipe) -> Path:
         lines += ["Plots skipped: matplotlib is not installed (`pip install matplotlib` or the dev extra).", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     (run_dir / "report.json").write_text(json.dumps(
-        {k: v for k, v in data.items() if k not in ("sft", "grpo")}, indent=2) + "\n")
+        {k: v for k, v in data.items() if k not in TRAINING}, indent=2) + "\n")
     return run_dir / "report.md"

@@ -138,7 +138,7 @@ def test_pipeline_runs_skips_resumes_and_reports(tiny_qwen3, tmp_path, capsys):
 def test_bad_pipeline_files_name_the_problem(tmp_path):
     p = tmp_path / "p.yaml"
     p.write_text("stages:\n  - {name: distill, recipe: x.yaml}\n")
-    with pytest.raises(UserError, match=r"p.yaml: stages\[0\] \(distill\): unknown stage command 'distill'.*sft, grpo, eval, export"):
+    with pytest.raises(UserError, match=r"p.yaml: stages\[0\] \(distill\): unknown stage command 'distill'.*sft, grpo, dpo, rm, eval, export"):
         load_pipeline(p)
     p.write_text("stages:\n  - {name: sft, recipe: missing/sft.yaml}\n")
     with pytest.raises(UserError, match=r"stages\[0\] \(sft\): recipe file missing/sft.yaml not found"):

@@ -18,6 +18,14 @@ def recipe_class(path: Path):
         from posttrain.grpo.config import GRPORecipe
 
         return GRPORecipe
+    if "dpo" in data:
+        from posttrain.preference.dpo_config import DPORecipe
+
+        return DPORecipe
+    if "rm" in data:
+        from posttrain.preference.config import RMRecipe
+
+        return RMRecipe
     return SFTRecipe
 
 

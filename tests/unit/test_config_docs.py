@@ -14,9 +14,11 @@ from posttrain import config_docs
 from posttrain.config import EvalConfig, SFTRecipe
 from posttrain.grpo.config import GRPORecipe
 from posttrain.pipeline_config import STAGE_MODELS, PipelineConfig
+from posttrain.preference.config import RMRecipe
+from posttrain.preference.dpo_config import DPORecipe
 
 REPO = Path(__file__).resolve().parents[2]
-ROOTS = [SFTRecipe, GRPORecipe, EvalConfig, PipelineConfig, *STAGE_MODELS.values()]
+ROOTS = [SFTRecipe, GRPORecipe, DPORecipe, RMRecipe, EvalConfig, PipelineConfig, *STAGE_MODELS.values()]
 
 
 def models_inside(annotation) -> list[type[BaseModel]]:

@@ -5,6 +5,10 @@ Specs: a built-in name (``math_accuracy``, ``format_exact``, ``format_approx``, 
 the four Unsloth functions), a custom function ``package.module:function`` or ``path/to/file.py:function``,
 or a dict ``{"name": <any of those>, "weight": 2.0, <keyword arguments for the built-in>}``. Custom
 functions keep TRL's contract, so TRL's own ``trl.rewards.accuracy_reward`` works unchanged.
+A reward model trained by ``posttrain rm`` (or any one-label sequence classifier) is the learned reward
+``{"name": "reward_model", "model": RUN, "weight": ..., "normalize": true, "device": ..., "batch_size": ...}``
+(:class:`posttrain.preference.reward_model.RewardModelReward`); a causal LM asked about each completion is
+``{"name": "judge", "model": ..., "scale": "yes_no"}`` (``JudgeReward``).
 
 ``RewardSet`` calls every function on a batch and returns the weighted total per sample (the sum over the
 functions that did not return None; None when all did), the per-function values and metrics named like
@@ -53,6 +57,8 @@ BUILTINS = {
 }
 PRESETS = {"unsloth_math": PRESET}
 BUILTIN_TYPES = tuple({*BUILTINS.values(), *PRESET})  # bounded in time already: no deadline around them
+# learned rewards, {"name": "reward_model", "model": RUN, ...}: imported on use (they load torch and transformers)
+LEARNED = ("reward_model", "judge")
 
 
 class RewardFailureError(UserError):
@@ -181,6 +187,11 @@ def _resolve(spec, shared) -> list[tuple[object, float]]:
         raise UserError(f"reward spec {spec!r}: missing 'name'")
     if name in BUILTINS:
         return [(_build(BUILTINS[name], kwargs, shared, f"reward {name!r}"), weight)]
+    if name in LEARNED:
+        from posttrain.preference.reward_model import JudgeReward, RewardModelReward
+
+        cls = RewardModelReward if name == "reward_model" else JudgeReward
+        return [(_build(cls, kwargs, shared, f"reward {name!r}"), weight)]
     if name in PRESETS:
         return [(_build(cls, kwargs, shared, f"preset {name!r}"), weight) for cls in PRESETS[name]]
     if ":" in name:
@@ -188,7 +199,7 @@ def _resolve(spec, shared) -> list[tuple[object, float]]:
         if kwargs:
             fn = functools.update_wrapper(functools.partial(fn, **kwargs), fn)
         return [(fn, weight)]
-    valid = ", ".join(sorted(BUILTINS) + sorted(PRESETS))
+    valid = ", ".join(sorted(BUILTINS) + sorted(PRESETS) + list(LEARNED))
     raise UserError(f"unknown reward {name!r}; built-ins: {valid}; or a custom 'package.module:function' / 'file.py:function'")
 
 
