@@ -105,7 +105,10 @@ def collect(run_dir: Path, stages) -> dict:
                 out[st.command][st.name] = rows
     evals = out["evals"]
     out["comparisons"] = []
-    for prev, cur in zip(evals, evals[1:]):
+    # a pipeline with branches (start_from) compares every evaluation with the first one, the common starting
+    # point; a chain compares each with the one before it
+    branched = out["branched"] = any(st.spec.get("start_from") for st in stages)
+    for prev, cur in ([(evals[0], e) for e in evals[1:]] if branched else zip(evals, evals[1:])):
         if prev["benchmark"] != cur["benchmark"]:
             continue
         diff = paired_difference(_jsonl(run_dir / prev["stage"] / "samples.jsonl"),
@@ -353,7 +356,9 @@ def write_report(pipe) -> Path:
                   "interval; format rate = the answer was found in the expected format.", ""]
         lines += _accuracy_table(data["evals"]) + [""]
         if data["comparisons"]:
-            lines += ["Paired differences between consecutive evaluations of the same problems:", ""]
+            lines += [("Paired differences between each evaluation and the first (the branches start from it):"
+                       if data["branched"] else
+                       "Paired differences between consecutive evaluations of the same problems:"), ""]
             lines += _comparison_table(data["comparisons"]) + [""]
         lines += _references(data["evals"])
     if data["sampled"]:

@@ -164,6 +164,37 @@ def test_lora_dpo_widens_the_margin_against_the_adapter_disabled_reference(tiny_
     assert (tmp_path / "continued" / REFERENCE_FILE).is_file()
 
 
+def test_shared_answer_beginnings_are_computed_once_with_the_values_and_gradients_of_whole_sequences(tiny_qwen3):
+    """PairBatch runs each pair's prompt + common answer beginning once and both tails on its cache: the summed
+    log-probs and their LoRA gradients equal those of the two whole sequences run apart (answers sharing 0, some,
+    and all of one side's tokens)."""
+    from posttrain.preference.data import PreferencePair
+
+    model, _ = load_model(ModelConfig(name=str(tiny_qwen3)), LoraConfig(r=8, alpha=16), verbose=False)
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    pairs = [PreferencePair([5, 6, 7], [8, 9, 10, 11, 12], [8, 9, 10, 13], None, 1),  # share 3 answer tokens
+             PreferencePair([5, 20], [21, 22], [23, 24, 25, 26, 27, 28], None, 2),  # share none
+             PreferencePair([30, 31, 32, 33, 34, 35], [36, 37], [36, 37, 38], None, 3)]  # chosen within rejected
+    batch = PairBatch.build(pairs, pad_id=0)
+    assert batch.counts[1] < batch.counts[0]  # fewer positions computed than the whole sequences hold
+    shared = SequenceLogps(model, chunk_size=5)(batch)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    grads = torch.autograd.grad(shared.sum(), lora)
+    plain = []
+    for side in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            ids = torch.tensor([p.prompt_ids + getattr(p, side)])
+            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])
+            plain.append(logp[len(p.prompt_ids) - 1:].sum())
+    plain = torch.stack(plain)
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-5)
+    for g, h in zip(grads, torch.autograd.grad(plain.sum(), lora)):
+        torch.testing.assert_close(g, h, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- full fine-tuning
 
 

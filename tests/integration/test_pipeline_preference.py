@@ -12,19 +12,7 @@ import pytest
 import yaml
 
 from posttrain.pipeline import run_pipeline
-
-SFT = """\
-model: {{name: {model}}}
-lora: {{r: 4, alpha: 8}}
-data:
-  path: posttrain.data.synthetic:problems
-  generator_kwargs: {{split: train, n: 16, difficulty: easy, seed: 0}}
-  format: columns
-  columns: {{problem: problem, solution: solution, answer: answer}}
-  template: reasoning
-  max_length: 160
-train: {{batch_size: 4, max_steps: 2, lr: 1.0e-3, warmup_steps: 0, seed: 1}}
-"""
+from tests.integration.test_pipeline import SFT  # the same tiny SFT stage
 
 PAIRS = """\
 model: {{name: {model}}}
@@ -101,6 +89,9 @@ def test_preference_stages_take_the_right_inputs_and_are_reported(tiny_qwen3, tm
     report = (run / "report.md").read_text()
     assert "DPO stage `dpo`" in report and "Reward model stage `rm`" in report
     assert "| rewards/accuracies |" in report and "| accuracy |" in report
+    # branches (start_from): every evaluation is compared with the first one, not with the branch before it
+    assert "Paired differences between each evaluation and the first" in report
+    assert "| eval → eval_verifier |" in report and "| eval → eval_grpo |" in report
     assert (run / "plots" / "dpo_accuracy.png").is_file() and (run / "plots" / "rm_accuracy.png").is_file()
 
 

@@ -36,6 +36,16 @@ def test_implicit_and_string_prompts_give_the_same_pairs_as_explicit_messages(qw
     assert explicit == implicit == as_text
 
 
+def test_ultrafeedback_rows_with_a_null_prompt_column_are_implicit(qwen_tok):
+    """UltraFeedback-binarized: a prompt column and conversations that repeat it; columns.prompt null reads the
+    conversations alone (an explicit prompt would put the user turn in twice)."""
+    explicit = load_pairs(cfg(), qwen_tok, rows=[{"prompt": USER, "chosen": GOOD, "rejected": BAD}]).pairs
+    rows = [{"prompt": USER[0]["content"], "chosen": USER + GOOD, "rejected": USER + BAD, "score_chosen": 8.0}]
+    assert load_pairs(cfg(columns={"prompt": None}), qwen_tok, rows=rows).pairs == explicit
+    doubled = load_pairs(cfg(), qwen_tok, rows=rows).pairs[0]   # the default reads the prompt column too
+    assert qwen_tok.decode(doubled.prompt_ids + doubled.chosen_ids).count(USER[0]["content"]) == 2
+
+
 def test_text_pairs_get_eos_and_an_implicit_text_prompt_is_the_shared_tokens(qwen_tok):
     eos = qwen_tok.eos_token
     pair = load_pairs(cfg(), qwen_tok, rows=[{"prompt": "Q: 2+3?\nA:", "chosen": " 5", "rejected": " 6"}]).pairs[0]

@@ -15,6 +15,9 @@ formats:
   gguf      llama / qwen2 / qwen3 GGUF with tokenizer and chat template inside, plus an Ollama Modelfile;
             --quant f16 | bf16 | q8_0 need nothing else; q4_k_m needs llama.cpp's llama-quantize
 
+A reward model (posttrain rm) exports as adapter (with its head) or merged (a one-label sequence classifier
+for AutoModelForSequenceClassification); gguf is refused for it (llama.cpp serves causal LMs).
+
 Each export is loaded back and compared with its source before it is kept (--no-verify skips this).
 The output appears only when complete; an existing --out is refused unless --overwrite.
 

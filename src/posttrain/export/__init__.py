@@ -10,7 +10,8 @@ it reads; a lock beside ``out`` (``.NAME.lock``) keeps a second export from writ
 disk is named as such (``fileops.writing``). ``export.json``, written last, records the source, the settings
 and the round-trip numbers. Nothing is built: GGUF files are written with the ``gguf`` package (``gguf_writer``),
 and only ``q4_k_m`` calls out to llama.cpp's ``llama-quantize`` when it is on the PATH. What a source may be (run
-directory, adapter directory, model) and how it is loaded is ``posttrain.runs``'s.
+directory, adapter directory, model) and how it is loaded is ``posttrain.runs``'s. A reward model (``posttrain rm``)
+exports as an adapter or a merged sequence classifier and is checked on its scores; GGUF refuses it (``reward``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from posttrain import runs
 from posttrain.errors import UserError
+from posttrain.export import reward as reward_mod
 from posttrain.fileops import remove_tree, writing
 
 FORMATS = ("adapter", "merged", "gguf")
@@ -155,10 +157,13 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
         raise UserError(f"--quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if dtype not in merge_mod.DTYPES:
         raise UserError(f"--dtype {dtype!r}; choose one of {', '.join(merge_mod.DTYPES)}")
-    quantizer = find_llama_quantize(llama_quantize) if fmt == "gguf" and quant == "q4_k_m" else None
     out = Path(out).expanduser()
     check_output(out, overwrite)
     src = runs.resolve(source, base=base)
+    reward = reward_mod.is_reward_model(src)
+    if reward and fmt == "gguf":
+        raise UserError(f"{source} {reward_mod.GGUF_REFUSAL}")
+    quantizer = find_llama_quantize(llama_quantize) if fmt == "gguf" and quant == "q4_k_m" else None
     protect, weights = _reads(source, src)
     check_replace(out, protect, weights)
     if fmt == "adapter" and src.adapter_dir is None:
@@ -166,16 +171,18 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
     runs.check_base_exists(src)
     t0 = time.perf_counter()
     report: dict = {"format": fmt, "source": str(source), "base": src.model.name, "base_from": src.base_from,
-                    "adapter": str(src.adapter_dir) if src.adapter_dir else None, "load_in_4bit": src.model.load_in_4bit}
+                    "adapter": str(src.adapter_dir) if src.adapter_dir else None, "load_in_4bit": src.model.load_in_4bit,
+                    "reward_model": reward}
     _log(f"exporting {src.description} as {fmt} -> {out}", verbose)
     advice = "free some space or choose another --out, then run the export again"
     with runs.RunLock(out.parent / f".{out.name}.lock", "posttrain export", target=out), \
             writing(out.parent, f"the {fmt} export", advice) as space, \
             staged_output(out, overwrite, protect, weights) as tmp:
         if fmt == "adapter":
-            _export_adapter(src, tmp, report, verify=verify, device=device, verbose=verbose, space=space)
+            _export_adapter(src, tmp, report, verify=verify, device=device, verbose=verbose, space=space,
+                            reward=reward)
         else:
-            _export_dense(src, fmt, tmp, report, quant=quant, dtype=dtype, verify=verify, device=device,
+            _export_dense(src, fmt, tmp, report, quant=quant, dtype=dtype, verify=verify, device=device, reward=reward,
                           quantizer=quantizer, name=name or default_name(source, src), verbose=verbose, space=space,
                           final_dir=out)
         report["files"] = sorted(p.name for p in tmp.iterdir())
@@ -185,7 +192,18 @@ def export(source: str, fmt: str, out: str | Path, *, quant: str = "q8_0", dtype
     return report
 
 
-def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, verbose: bool, space) -> None:
+def _checks(reward: bool):
+    """(load, probe_ids, outputs) for the round trip: a causal LM's logits on the probe, or a reward model's
+    scores of its probe conversations (``export.reward``)."""
+    from posttrain.export import verify as verify_mod
+
+    if reward:
+        return reward_mod.load, reward_mod.probe_ids, reward_mod.scores
+    return runs.load, verify_mod.probe_ids, verify_mod.logits
+
+
+def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, verbose: bool, space,
+                    reward: bool = False) -> None:
     from posttrain.export import verify as verify_mod
 
     adir = src.adapter_dir
@@ -218,31 +236,35 @@ def _export_adapter(src, tmp: Path, report: dict, *, verify: bool, device: str, 
     if not src.tokenizer_dir:
         _log("note: the adapter directory has no tokenizer; the base model's tokenizer will be used", verbose)
     if verify:
-        model, tok = runs.load(src, device=device, verbose=verbose)
-        ids = verify_mod.probe_ids(tok)
-        ref = verify_mod.logits(model, ids)
+        load, probe_ids, outputs = _checks(reward)
+        model, tok = load(src, device=device, verbose=verbose)
+        ids = probe_ids(tok)
+        ref = outputs(model, ids)
         del model
-        report["verification"] = verify_mod.verify_adapter(tmp, src, ref, ids, device=device)
+        report["verification"] = verify_mod.verify_adapter(tmp, src, ref, ids, device=device, load=load,
+                                                           outputs=outputs)
         _log(f"round trip: PeftModel.from_pretrained on the export matches the source "
              f"(max |Δlogit| {report['verification']['max_abs_diff']:.1e})", verbose)
 
 
 def _export_dense(src, fmt: str, tmp: Path, report: dict, *, quant: str, dtype: str, verify: bool, device: str,
-                  quantizer: str | None, name: str, verbose: bool, space, final_dir: Path | None = None) -> None:
+                  quantizer: str | None, name: str, verbose: bool, space, final_dir: Path | None = None,
+                  reward: bool = False) -> None:
     from posttrain.export import merge as merge_mod
     from posttrain.export import verify as verify_mod
 
+    load, probe_ids, outputs = _checks(reward)
     from_4bit = src.model.load_in_4bit
     ref = ids = None
     if verify and from_4bit:  # the reference is the model as trained: 4-bit base + adapter
-        model, tok = runs.load(src, device=device, verbose=verbose)
-        ids = verify_mod.probe_ids(tok)
-        ref = verify_mod.logits(model, ids)
+        model, tok = load(src, device=device, verbose=verbose)
+        ids = probe_ids(tok)
+        ref = outputs(model, ids)
         del model
-    model, tok = runs.load(src, device=device, dequantize=True, verbose=verbose and ref is None)
+    model, tok = load(src, device=device, dequantize=True, verbose=verbose and ref is None)
     if verify and ref is None:
-        ids = verify_mod.probe_ids(tok)
-        ref = verify_mod.logits(model, ids)
+        ids = probe_ids(tok)
+        ref = outputs(model, ids)
     merged = merge_mod.cast(merge_mod.merge(model), dtype)
     report["dtype"] = dtype
     n_params = sum(p.numel() for p in merged.parameters())
@@ -253,7 +275,8 @@ def _export_dense(src, fmt: str, tmp: Path, report: dict, *, quant: str, dtype: 
     if fmt == "merged":
         merge_mod.save_merged(merged, tok, tmp)
         if verify:
-            report["verification"] = verify_mod.verify_merged(tmp, ref, ids, dtype, from_4bit)
+            check = reward_mod.verify_merged if reward else verify_mod.verify_merged
+            report["verification"] = check(tmp, ref, ids, dtype, from_4bit)
             v = report["verification"]
             _log(f"round trip: reloaded with transformers, max |Δlogit| / max |logit| = {v['rel_diff']:.1e} "
                  f"(tolerance {v['tolerance']:.0e}), argmax agreement {v['argmax_agreement']:.0%}", verbose)

@@ -31,11 +31,15 @@ def cast(model, dtype: str):
 
 
 def save_merged(model, tok, out_dir: str | Path, *, max_shard_size: str = "5GB") -> Path:
-    """Write safetensors shards, config, a generation config that stops on every EOS id, and the tokenizer
-    with its chat template."""
+    """Write safetensors shards, config, a generation config that stops on every EOS id (for a model that
+    generates), and the tokenizer with its chat template."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)
+    if not model.can_generate():  # a reward model (sequence classifier): weights, config and tokenizer only
+        model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+        tok.save_pretrained(out)
+        return out
     eos = stop_token_ids(model, tok)
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
     gen.eos_token_id = list(eos) if len(eos) > 1 else eos[0]

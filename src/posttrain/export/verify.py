@@ -104,12 +104,14 @@ def verify_merged(out_dir: Path, ref_logits, ids, dtype: str, from_4bit: bool, d
     return result
 
 
-def verify_adapter(out_dir: Path, src, ref_logits, ids, device: str = "auto") -> dict:
+def verify_adapter(out_dir: Path, src, ref_logits, ids, device: str = "auto", load=runs.load, outputs=logits) -> dict:
+    """``load``/``outputs``: how the source kind is loaded and what is compared (``export.reward``'s for a reward
+    model: scores of its probes)."""
     tok_dir = str(out_dir) if (out_dir / "tokenizer_config.json").is_file() else src.tokenizer_dir
     exported = runs.Source(model=src.model, adapter_dir=out_dir, tokenizer_dir=tok_dir, lora=src.lora,
                            base_from=src.base_from)
-    model, _ = runs.load(exported, device=device, verbose=False)
-    result = compare(ref_logits, logits(model, ids))
+    model, _ = load(exported, device=device, verbose=False)
+    result = compare(ref_logits, outputs(model, ids))
     result["tolerance"] = 1e-4
     if result["max_abs_diff"] > 1e-4:
         _fail("the exported adapter loaded with PeftModel.from_pretrained differs from the source", result, 1e-4)

@@ -17,9 +17,11 @@ from posttrain.config import (LORA, MODEL, OUTPUT_DIR, LoraConfig, ModelConfig, 
 class PairColumns(Section):
     """Which columns of a row hold the prompt, the two answers and the margin (TRL's names by default)."""
 
-    prompt: str = Field("prompt", description="column with the prompt (text or a list of messages); a row without "
-                                              "it has an implicit prompt: chosen and rejected hold the whole "
-                                              "conversation, and their shared beginning is the prompt")
+    prompt: str | None = Field("prompt", description="column with the prompt (text or a list of messages); a row "
+                                                     "without it has an implicit prompt: chosen and rejected hold the "
+                                                     "whole conversation, and their shared beginning is the prompt. "
+                                                     "null: always implicit (UltraFeedback-binarized has a prompt "
+                                                     "column and conversations that repeat it)")
     chosen: str = Field("chosen", description="column with the preferred answer (text or messages)")
     rejected: str = Field("rejected", description="column with the dispreferred answer (text or messages)")
     margin: str = Field("margin", description="optional column with a per-pair margin: the loss asks r_chosen - "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from posttrain.data.formats import ROLE_ALIASES
 from posttrain.data.loading import load_rows
@@ -85,7 +86,7 @@ def load_pairs(cfg: PreferenceDataConfig, tokenizer, *, template: str | None = N
         numbered = sorted(random.Random(cfg.seed).sample(numbered, cfg.sample))
     out = PairData(pairs=[], dropped={r: 0 for r in REASONS}, rows=len(rows), source=cfg.path)
     cols = cfg.columns
-    explicit = cols.prompt in rows[0]
+    explicit = cols.prompt is not None and cols.prompt in rows[0]
     installed = False
     for i, row in numbered:
         where = f"{cfg.path} row {i}"
@@ -109,6 +110,24 @@ def load_pairs(cfg: PreferenceDataConfig, tokenizer, *, template: str | None = N
     if not out.pairs:
         raise UserError(f"data: no pairs left ({out.summary()}); check the columns, or raise data.max_length")
     return out
+
+
+class StepPlan(NamedTuple):
+    global_batch: int     # pairs per optimizer step, all processes together
+    steps_per_epoch: int
+    total: int            # optimizer steps of the run
+
+
+def plan_steps(n_pairs: int, train, world: int) -> StepPlan:
+    """The steps of a preference run: ``train.max_steps``, else ``train.epochs`` over ``n_pairs`` training pairs.
+    A set too small to fill one step (``batch_size x grad_accum x processes`` pairs) is an error."""
+    global_batch = train.batch_size * train.grad_accum * world
+    steps_per_epoch = n_pairs // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"{n_pairs} training pairs cannot fill one step of {global_batch} pairs (train.batch_size x "
+                        "train.grad_accum x processes); lower them or add data")
+    total = train.max_steps if train.max_steps > 0 else math.ceil(train.epochs * steps_per_epoch)
+    return StepPlan(global_batch, steps_per_epoch, total)
 
 
 def split_pairs(pairs: list, val_size: float | int, seed: int) -> tuple[list, list]:

@@ -69,6 +69,7 @@ from posttrain.preference.data import (
     pad_token_id,
     split_pairs,
 )
+from posttrain.preference.data import plan_steps
 from posttrain.preference.dpo_config import DPORecipe
 from posttrain.preference.losses import dpo_loss
 from posttrain.runs import peak_memory_mb
@@ -366,12 +367,7 @@ def train(cfg: DPORecipe, resume: bool = False, allow_changes: list[str] | tuple
     if run.is_main:
         print(f"[posttrain] data: {data.summary()}; {len(train_set)} training, {len(val_set)} validation pairs")
     run.save_recipe()
-    global_batch = t.batch_size * t.grad_accum * run.world
-    steps_per_epoch = len(train_set) // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training pairs cannot fill one step of {global_batch} pairs "
-                        "(train.batch_size x train.grad_accum x processes); lower them or add data")
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    global_batch, steps_per_epoch, total_steps = plan_steps(len(train_set), t, run.world)
 
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)

@@ -37,6 +37,7 @@ from posttrain.models import autocast_to, prepare_for_training, resolve_compute_
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.preference.config import RMRecipe
 from posttrain.preference.data import PreferencePair, load_pairs, pad_token_id, split_pairs
+from posttrain.preference.data import plan_steps
 from posttrain.preference.losses import bradley_terry_loss
 from posttrain.preference.reward_model import load_sequence_classifier, pad_right, score_ids
 from posttrain.runs import peak_memory_mb
@@ -160,12 +161,7 @@ def train(cfg: RMRecipe, resume: bool = False, allow_changes: list[str] | tuple[
     train_set, val_set = split_pairs(data.pairs, cfg.data.val_size, cfg.data.seed)
     run.save_recipe()
     pad_id = pad_token_id(tok)
-    global_batch = t.batch_size * t.grad_accum * run.world
-    steps_per_epoch = len(train_set) // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training pairs cannot fill one step of {global_batch} (train.batch_size x "
-                        "train.grad_accum x processes); lower them or add data")
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    global_batch, steps_per_epoch, total_steps = plan_steps(len(train_set), t, run.world)
 
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)

@@ -1,0 +1,47 @@
+"""Pairs from an evaluation's samples: a verified-right completion against a wrong one of the same problem, never
+a truncated one as chosen, distinct texts only; no pair at all is an error naming the file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.errors import UserError
+from posttrain.preference.sampled import pairs_from_samples
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def row(pid, text, verdict, truncated=False):
+    return {"id": pid, "completion": text, "verdict": verdict, "truncated": truncated, "gold": "5"}
+
+
+def test_right_against_wrong_of_the_same_problem(tmp_path):
+    path = write(tmp_path / "samples.jsonl", [
+        row("a", "2+3=5 <SOLUTION>5</SOLUTION>", True), row("a", "2+3=6 <SOLUTION>6</SOLUTION>", False),
+        row("a", "2+3=5 <SOLUTION>5</SOLUTION>", True),                     # a duplicate text: one candidate
+        row("b", "all right", True), row("b", "also right", True),          # no wrong sample: no pair
+        row("c", "cut off 5", True, truncated=True), row("c", "wrong 4", False),  # a truncated text is never chosen
+        row("d", "right 5", True), row("d", "wrong 1", False), row("d", "wrong 2", False), row("d", "right five", True),
+    ])
+    pairs = pairs_from_samples(path, {"a": "2+3?", "b": "b?", "c": "c?", "d": "d?"}, pairs_per_problem=2)
+    by = {}
+    for p in pairs:
+        by.setdefault(p["id"], []).append(p)
+    assert sorted(by) == ["a", "d"]
+    assert len(by["a"]) == 1 and len(by["d"]) == 2
+    a = by["a"][0]
+    assert a["prompt"] == [{"role": "user", "content": "2+3?"}]
+    assert a["chosen"][0]["content"].endswith("5</SOLUTION>") and a["rejected"][0]["content"].endswith("6</SOLUTION>")
+    assert {p["chosen"][0]["content"] for p in by["d"]} == {"right 5", "right five"}
+    assert {p["rejected"][0]["content"] for p in by["d"]} == {"wrong 1", "wrong 2"}
+
+
+def test_no_pair_is_an_error_naming_the_file(tmp_path):
+    path = write(tmp_path / "samples.jsonl", [row("a", "x", True), row("a", "y", True)])
+    with pytest.raises(UserError, match="samples.jsonl: no problem has both a right and a wrong sample"):
+        pairs_from_samples(path, {"a": "?"})
