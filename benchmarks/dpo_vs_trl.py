@@ -38,10 +38,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from trl_side import SEVEN, make_init_adapter, train_timed
 
 SEED = 3407
 BETA, LR, MAX_LEN = 0.1, 5e-5, 256
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GEN = {"split": "train", "difficulty": "easy", "seed": 0}  # tiny/dpo.yaml's generator_kwargs (n: steps x batch)
 
 
@@ -87,25 +87,9 @@ def worker_posttrain(args, rows: list[dict]) -> dict:
             "margins": [r["rewards/margins"] for r in logged]}
 
 
-def make_init_adapter(out: Path) -> None:
-    """The loss check's shared starting point: a seeded LoRA r 16 adapter on the seven projections, saved once."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from posttrain.config import ModelConfig
-    from posttrain.models import load_model
-
-    model, _ = load_model(ModelConfig(name="smollm2-135m-instruct"), None, for_training=False, verbose=False)
-    torch.manual_seed(SEED)
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                            target_modules=SEVEN))
-    peft.save_pretrained(str(out))
-
-
 def worker_trl(args, rows: list[dict], mode: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from posttrain.config import ModelConfig
@@ -137,38 +121,13 @@ def worker_trl(args, rows: list[dict], mode: str) -> dict:
     theirs = list(zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
     if theirs != [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in ours]:
         raise SystemExit("TRL's token ids differ from posttrain's: the comparison would not be on the same data")
-    tokens_per_batch: list[int] = []
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        tokens_per_batch.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    trainer.data_collator = counting_collator
-    times: list[float] = []
-    logs_seen: list[dict] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                logs_seen.append(dict(logs))
-
-    trainer.add_callback(Timer())
-    trainer.train()
+    run = train_timed(trainer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    measured = range(1, len(times))
-    return {"tokens": sum(tokens_per_batch[i] for i in measured), "seconds": sum(times[i] for i in measured),
+    return {"tokens": run.measured("tokens"), "seconds": run.measured("seconds"),
             "setup_ref_s": setup if config.precompute_ref_log_probs else 0.0, "padding_pct": float("nan"),
-            "steps": len(times), "peak_rss_mb": peak, "losses": [float(l["loss"]) for l in logs_seen],
-            "step_tokens": tokens_per_batch[:len(times)],
-            "margins": [float(l.get("rewards/margins", float("nan"))) for l in logs_seen]}
+            "steps": len(run.times), "peak_rss_mb": peak, "losses": [float(log["loss"]) for log in run.logs],
+            "step_tokens": run.tokens_per_batch[:len(run.times)],
+            "margins": [float(log.get("rewards/margins", float("nan"))) for log in run.logs]}
 
 
 def run_worker(args) -> None:
@@ -205,7 +164,7 @@ def loss_check(args, workdir: Path) -> None:
     """One shared initial adapter (B = 0: step 1's policy is its reference, loss log 2), the same 8 pairs as the
     batch of every step (all of the data, so order cannot differ), fp32, no checkpointing: the losses of steps 2+
     test that the gradients and the updates agree."""
-    make_init_adapter(workdir / "init_adapter")
+    make_init_adapter(workdir / "init_adapter", SEED)
     res = {s: run_system(s, args, workdir) for s in ("posttrain_same", "trl_same")}
     p, t = res["posttrain_same"], res["trl_same"]
     if not p or not t:

@@ -32,10 +32,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from trl_side import SEVEN, train_timed
 
 SEED = 3407
 LR, MAX_LEN, CENTER = 2e-4, 256, 0.01
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GEN = {"split": "train", "difficulty": "easy", "seed": 0}  # tiny/rm.yaml's generator_kwargs (n: steps x batch)
 
 
@@ -104,41 +104,14 @@ def trl_setup(args, rows: list[dict], mode: str, peft_model=None):
 
 
 def worker_trl(args, rows: list[dict], mode: str) -> dict:
-    from transformers import TrainerCallback
-
     trainer, pairs, _ = trl_setup(args, rows, mode)
     if len(trainer.train_dataset) != len(pairs):
         raise SystemExit("TRL dropped pairs that posttrain kept: the comparison would not be on the same data")
-    tokens_per_batch: list[int] = []
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        tokens_per_batch.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    trainer.data_collator = counting_collator
-    times: list[float] = []
-    logs_seen: list[dict] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                logs_seen.append(dict(logs))
-
-    trainer.add_callback(Timer())
-    trainer.train()
+    run = train_timed(trainer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    measured = range(1, len(times))
-    return {"tokens": sum(tokens_per_batch[i] for i in measured), "seconds": sum(times[i] for i in measured),
-            "steps": len(times), "peak_rss_mb": peak, "losses": [float(log["loss"]) for log in logs_seen],
-            "accuracy": [float(log.get("accuracy", float("nan"))) for log in logs_seen]}
+    return {"tokens": run.measured("tokens"), "seconds": run.measured("seconds"),
+            "steps": len(run.times), "peak_rss_mb": peak, "losses": [float(log["loss"]) for log in run.logs],
+            "accuracy": [float(log.get("accuracy", float("nan"))) for log in run.logs]}
 
 
 def worker_loss_check(args, rows: list[dict]) -> dict:

@@ -31,9 +31,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from trl_side import SEVEN, make_init_adapter, train_timed
 
 SEED = 3407
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_rows(n: int, seed: int, split: str) -> list[dict]:
@@ -116,26 +116,10 @@ def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
             "losses": [r["loss"] for r in rows], "step_tokens": [r["tokens"] for r in rows]}
 
 
-def make_init_adapter(out: Path) -> None:
-    """The loss check's shared starting point: a seeded LoRA r 16 adapter on all seven projections, saved once."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from posttrain.config import ModelConfig
-    from posttrain.models import load_model
-
-    model, _ = load_model(ModelConfig(name="smollm2-135m-instruct"), None, for_training=False, verbose=False)
-    torch.manual_seed(SEED)
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                            target_modules=SEVEN))
-    peft.save_pretrained(str(out))
-
-
 def worker_trl(args, train_file: Path, held: list[dict], mode: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from posttrain.config import ModelConfig
@@ -161,42 +145,16 @@ def worker_trl(args, train_file: Path, held: list[dict], mode: str) -> dict:
                                             target_modules=SEVEN)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=peft_cfg)
-    tokens_per_batch: list[int] = []
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        tokens_per_batch.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
-                                else int(batch["input_ids"].numel()))
-        return batch
-
-    trainer.data_collator = counting_collator
-    trainer.train_dataset = trainer.train_dataset
-    times: list[float] = []
-    losses: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    trainer.add_callback(Timer())
-    trainer.train()
+    run = train_timed(trainer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the held-out evaluation
     # the collator may prefetch one batch ahead; step i used batch i
-    measured = list(range(1, len(times)))
     with torch.autocast("cpu", enabled=False):
         held_loss = heldout_loss(trainer.model, tok, held)
-    return {"tokens": sum(tokens_per_batch[i] for i in measured), "seconds": sum(times[i] for i in measured),
-            "train_loss": losses[-1] if losses else float("nan"), "heldout_loss": held_loss, "steps": len(times),
+    losses = [float(log["loss"]) for log in run.logs]
+    return {"tokens": run.measured("tokens"), "seconds": run.measured("seconds"),
+            "train_loss": losses[-1] if losses else float("nan"), "heldout_loss": held_loss, "steps": len(run.times),
             "padding_pct": float("nan"), "peak_rss_mb": peak, "losses": losses,
-            "step_tokens": tokens_per_batch[:len(times)]}
+            "step_tokens": run.tokens_per_batch[:len(run.times)]}
 
 
 def run_worker(args) -> None:
@@ -233,7 +191,7 @@ def loss_check(args, workdir: Path) -> None:
     settings, fp32, no gradient checkpointing: the train losses of posttrain and TRL should agree step by step."""
     rows = (workdir / "train.jsonl").read_text().splitlines()[:args.batch]
     (workdir / "same.jsonl").write_text("\n".join(rows) + "\n")
-    make_init_adapter(workdir / "init_adapter")
+    make_init_adapter(workdir / "init_adapter", SEED)
     res = {s: run_system(s, args, workdir) for s in ("posttrain_same", "trl_same")}
     p, t = res["posttrain_same"], res["trl_same"]
     if not p or not t:
