@@ -143,6 +143,13 @@ class ColumnMap(Section):
                                        "the reward functions as the gold answer (GRPO); null: none")
 
 
+def val_size_value(v: float | int, unit: str) -> float | int:
+    """A ``data.val_size``: a fraction in [0, 1) or a whole number of ``unit`` (returned as an int)."""
+    if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
+        raise ValueError(f"{v} is neither a fraction in [0, 1) nor a whole number of {unit} (0: no validation split)")
+    return int(v) if v >= 1 else v
+
+
 class DataConfig(Section):
     source: Literal["auto", "hub", "file", "generator"] = Field(
         "auto", description="what path is. auto: a file when path ends in .json/.jsonl/.parquet/.csv or exists, a "
@@ -194,10 +201,7 @@ class DataConfig(Section):
     @field_validator("val_size")
     @classmethod
     def _split(cls, v: float | int) -> float | int:
-        if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
-            raise ValueError(f"{v} is neither a fraction in [0, 1) nor a whole number of examples (0: no validation "
-                             "split)")
-        return int(v) if v >= 1 else v
+        return val_size_value(v, "examples")
 
 
 class TrainConfig(Section):

@@ -374,6 +374,22 @@ def check_base_exists(src: Source) -> None:
 # Loading for inference
 
 
+
+def attach(model, tok, src: Source, dequantize: bool):
+    """What every loader does after the base: a 4-bit base made dense (``dequantize``), the run's saved tokenizer
+    (with the chat template training used) in place of the base's, the adapter on top (unmerged)."""
+    if dequantize:
+        model = model.dequantize()
+        model.hf_quantizer = None
+        model.is_quantized = False
+    if src.tokenizer_dir:
+        tok = load_tokenizer(src.tokenizer_dir)
+    if src.adapter_dir is not None:
+        from peft import PeftModel  # peft pulls in transformers: only loading needs it
+
+        model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+    return model, tok
+
 def load(src: Source, *, device: str = "auto", dtype: str = "auto", dequantize: bool = False, verbose: bool = True):
     """-> (model, tokenizer). With an adapter the model is a ``PeftModel`` (unmerged) on the base loaded as in
     training (4-bit when the run used 4-bit). ``dequantize=True`` turns a 4-bit base back into dense weights first
@@ -387,16 +403,8 @@ def load(src: Source, *, device: str = "auto", dtype: str = "auto", dequantize: 
             raise
         raise UserError(f"base model {cfg.name!r} of the adapter {src.adapter_dir} (named in {src.base_from}) "
                         f"could not be loaded: {exc}. Pass --base MODEL with a hub id or local directory") from None
-    if dequantize and cfg.load_in_4bit:
-        model = model.dequantize()
-        model.hf_quantizer = None
-        model.is_quantized = False
-    if src.tokenizer_dir:
-        tok = load_tokenizer(src.tokenizer_dir)
+    model, tok = attach(model, tok, src, dequantize and cfg.load_in_4bit)
     if src.adapter_dir is not None:
-        from peft import PeftModel  # peft pulls in transformers: only loading needs it
-
-        model = PeftModel.from_pretrained(model, str(src.adapter_dir))
         model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id

@@ -133,15 +133,20 @@ def prepare_sft_data(cfg: DataConfig, tokenizer, rows: list[dict] | None = None)
     if not examples:
         raise UserError(f"data: no examples left after filtering {cfg.path} ({stats.summary()}); "
                         "raise data.max_length, drop data.numeric_answer_only, or check the data")
-    val_n = int(round(cfg.val_size * len(examples))) if isinstance(cfg.val_size, float) and cfg.val_size < 1 \
-        else int(cfg.val_size)
-    if val_n >= len(examples):
-        raise UserError(f"data.val_size={cfg.val_size} leaves no training examples out of {len(examples)}")
-    order = list(range(len(examples)))
-    random.Random(cfg.seed).shuffle(order)
-    val = [examples[i] for i in sorted(order[:val_n])]
-    train = [examples[i] for i in sorted(order[val_n:])]
+    train, val = split_validation(examples, cfg.val_size, cfg.seed)
     stats.train, stats.val = len(train), len(val)
     stats.tokens = sum(len(e["input_ids"]) for e in train)
     stats.target_tokens = sum(sum(1 for t in e["labels"][1:] if t != IGNORE_INDEX) for e in train)
     return train, val, stats
+
+
+def split_validation(items: list, val_size: float | int, seed: int, what: str = "examples") -> tuple[list, list]:
+    """(train, validation), each in the original order: ``val_size`` items (a fraction below 1, or a count) drawn
+    with ``seed``. Taking every item for validation is an error."""
+    n = int(round(val_size * len(items))) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    if n >= len(items):
+        raise UserError(f"data.val_size={val_size} leaves no training {what} out of {len(items)}")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [x for k, x in enumerate(items) if k not in held], [x for k, x in enumerate(items) if k in held]

@@ -54,22 +54,12 @@ def load(src: runs.Source, *, device: str = "auto", dtype: str = "auto", dequant
          verbose: bool = True):
     """``runs.load`` for a reward model: (model, tokenizer), the adapter (if any) unmerged on the base loaded as in
     training (a 4-bit base dequantized when ``dequantize``), ``config.pad_token_id`` the tokenizer's pad id."""
-    from posttrain.models import load_tokenizer
     from posttrain.preference.data import pad_token_id
     from posttrain.preference.reward_model import load_sequence_classifier
 
     cfg = src.model.model_copy(update={"device": device, "dtype": dtype})
     model, tok = load_sequence_classifier(cfg, verbose=verbose)
-    if dequantize and cfg.load_in_4bit:
-        model = model.dequantize()
-        model.hf_quantizer = None
-        model.is_quantized = False
-    if src.tokenizer_dir:
-        tok = load_tokenizer(src.tokenizer_dir)
-    if src.adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+    model, tok = runs.attach(model, tok, src, dequantize and cfg.load_in_4bit)
     model.eval()
     model.config.pad_token_id = pad_token_id(tok, str(src.adapter_dir or src.model.name))
     return model, tok

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from posttrain.config import (LORA, MODEL, OUTPUT_DIR, LoraConfig, ModelConfig, ReasoningMarkers, Section,
-                              TrainConfig, check_output_dir, warn_long_warmup)
+                              TrainConfig, check_output_dir, warn_long_warmup, val_size_value)
 
 
 class PairColumns(Section):
@@ -60,10 +59,7 @@ class PreferenceDataConfig(Section):
     @field_validator("val_size")
     @classmethod
     def _split(cls, v: float | int) -> float | int:
-        if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
-            raise ValueError(f"{v} is neither a fraction in [0, 1) nor a whole number of pairs (0: no validation "
-                             "split)")
-        return int(v) if v >= 1 else v
+        return val_size_value(v, "pairs")
 
 
 class RMConfig(Section):

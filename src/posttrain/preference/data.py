@@ -30,7 +30,7 @@ from typing import NamedTuple
 from posttrain.data.formats import ROLE_ALIASES
 from posttrain.data.loading import load_rows
 from posttrain.data.templates import install_template
-from posttrain.data.tokenize import CHARS_PER_TOKEN_CAP, surely_longer
+from posttrain.data.tokenize import CHARS_PER_TOKEN_CAP, split_validation, surely_longer
 from posttrain.errors import UserError
 from posttrain.preference.config import PreferenceDataConfig
 
@@ -131,14 +131,8 @@ def plan_steps(n_pairs: int, train, world: int) -> StepPlan:
 
 
 def split_pairs(pairs: list, val_size: float | int, seed: int) -> tuple[list, list]:
-    """(train, validation): ``val_size`` pairs (a fraction below 1, or a count) drawn with ``seed``."""
-    n = int(round(val_size * len(pairs))) if isinstance(val_size, float) and val_size < 1 else int(val_size)
-    if n >= len(pairs):
-        raise UserError(f"data.val_size={val_size} leaves no training pairs out of {len(pairs)}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n])
-    return [p for k, p in enumerate(pairs) if k not in held], [p for k, p in enumerate(pairs) if k in held]
+    """(train, validation) pairs, split as SFT splits its examples."""
+    return split_validation(pairs, val_size, seed, "pairs")
 
 
 # --------------------------------------------------------------------------------------------------- rows
