@@ -123,7 +123,9 @@ def worker_loss_check(args, rows: list[dict]) -> dict:
     from posttrain.config import ModelConfig
     from posttrain.preference.data import pad_token_id
     from posttrain.preference.reward_model import load_sequence_classifier
-    from posttrain.preference.rm import RMLoss, collate_pairs
+    from posttrain.preference.pair_batch import PairBatch
+    from posttrain.preference.reward_model import pad_right
+    from posttrain.preference.rm import RMLoss, margins
 
     torch.manual_seed(SEED)
     base, _ = load_sequence_classifier(ModelConfig(name="smollm2-135m-instruct"), verbose=False)
@@ -137,13 +139,15 @@ def worker_loss_check(args, rows: list[dict]) -> dict:
     first = pairs[:8]
     examples = [trainer.train_dataset[i] for i in range(8)]
     batch = trainer.data_collator(examples)
-    ours = collate_pairs(first, pad_token_id(tok))
-    same_ids = torch.equal(ours["input_ids"], batch["input_ids"])
+    pad = pad_token_id(tok)
+    seqs = [p.prompt_ids + p.chosen_ids for p in first] + [p.prompt_ids + p.rejected_ids for p in first]
+    same_ids = torch.equal(pad_right(seqs, pad)[0], batch["input_ids"])
+    ours = PairBatch.build(first, pad)
     with torch.no_grad():
         trl_loss = float(trainer.compute_loss(model, dict(batch)))
-        our_loss, _ = RMLoss(model, None, CENTER)(ours["input_ids"], ours["attention_mask"], ours["margin"])
+        our_loss, _ = RMLoss(model, None, CENTER)(ours, margins(first))
     return {"same_ids": same_ids, "trl_loss": trl_loss, "posttrain_loss": float(our_loss),
-            "tokens": int(ours["attention_mask"].sum()), "sequences": int(ours["input_ids"].shape[0])}
+            "tokens": int(ours.counts[0]), "positions_computed": int(ours.counts[1]), "sequences": len(seqs)}
 
 
 def run_worker(args) -> None:

@@ -323,7 +323,9 @@ def trainable_summary(model) -> str:
 
 
 def decoder_and_head(model):
-    """(decoder, lm_head) of a causal LM, through a PEFT wrapper if there is one. The decoder returns the
-    final (normed) hidden states, so a loss can apply the head in chunks instead of building full logits."""
+    """(decoder, lm_head) of a causal LM, through a PEFT wrapper if there is one; (decoder, score) of a sequence
+    classifier (a reward model). The decoder returns the final (normed) hidden states, so a loss can apply the
+    head in chunks instead of building full logits, or only at the positions it reads."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+    head = base.get_output_embeddings()
+    return base.get_decoder(), head if head is not None else getattr(base, "score", None)

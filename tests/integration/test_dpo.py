@@ -22,12 +22,12 @@ from posttrain.preference.config import PreferenceDataConfig
 from posttrain.preference.data import load_pairs, split_pairs
 from posttrain.preference.dpo import (
     REFERENCE_FILE,
-    PairBatch,
     Reference,
     SequenceLogps,
     train,
 )
 from posttrain.preference.dpo_config import DPORecipe
+from posttrain.preference.pair_batch import PairBatch
 from posttrain.preference.losses import dpo_loss
 
 

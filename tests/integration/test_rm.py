@@ -21,8 +21,9 @@ from posttrain.cli import main
 from posttrain.config import load_recipe
 from posttrain.preference.config import RMRecipe
 from posttrain.preference.data import load_pairs, split_pairs
-from posttrain.preference.reward_model import load_reward_model, score_ids
-from posttrain.preference.rm import RMLoss, collate_pairs, load_for_training, pair_metrics, pair_rewards, train
+from posttrain.preference.pair_batch import PairBatch, cache_dropped
+from posttrain.preference.reward_model import load_reward_model, pad_right, score_ids
+from posttrain.preference.rm import RMLoss, load_for_training, margins, pair_metrics, pair_rewards, train
 from tests.conftest import write_jsonl
 
 GOOD = ["yes", "right", "correct", "true", "sure", "agreed", "indeed", "exactly", "certainly", "absolutely"]
@@ -101,6 +102,52 @@ def test_saved_model_loads_with_plain_transformers_and_scores_as_ours(full_run, 
     assert batched == pytest.approx(alone, abs=1e-5)
 
 
+
+def test_shared_prefix_scores_equal_whole_sequence_scores(full_run, data_file):
+    """Training and eval-rm score a pair with its prompt + common beginning computed once: the same rewards as the
+    classifier's own forward on each whole sequence, also when a sequence ends in pad tokens (the head reads the
+    last token that is not the pad) or one answer is the other's beginning."""
+    from posttrain.preference.data import PreferencePair
+
+    ours, tok = load_reward_model(str(full_run), device="cpu", verbose=False)
+    pad = tok.pad_token_id
+    pairs = load_pairs(load_recipe(None, [f"data.path={data_file}", "model.name=x"], RMRecipe).data, tok).pairs[:5]
+    pairs += [PreferencePair([5, 6, 7], [8, 9, pad, pad], [8, 9], None, 90),  # pad at the end; a shared beginning
+              PreferencePair([5], [pad], [10, 11, 12], None, 91)]  # a chosen that is all pad: the prompt's token
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    whole = score_ids(ours, seqs, pad, batch_size=1)
+    r_c, r_r = pair_rewards(ours, pairs, pad, batch_size=6)
+    assert torch.cat([r_c, r_r]).tolist() == pytest.approx(whole, abs=1e-5)
+    batch = PairBatch.build(pairs, pad)
+    assert int(batch.counts[1]) < int(batch.counts[0])  # fewer positions computed than two whole sequences'
+
+
+def test_gradient_checkpointing_scores_whole_sequences_with_the_same_rewards_and_gradients(tiny_qwen3):
+    """transformers drops the key/value cache under gradient checkpointing, which the shared prefix needs: the
+    pairs then run as whole sequences, with the same rewards and the same gradients as without checkpointing."""
+    from posttrain.config import ModelConfig
+    from posttrain.preference.data import PreferencePair
+    from posttrain.preference.reward_model import load_sequence_classifier
+
+    torch.manual_seed(0)
+    model, tok = load_sequence_classifier(ModelConfig(name=str(tiny_qwen3), device="cpu"), verbose=False)
+    model.config.use_cache = True
+    model.train()
+    pairs = [PreferencePair([5, 6, 7], [8, 9, 10], [8, 11], None, 1), PreferencePair([12], [13], [14, 15], None, 2)]
+    batch = PairBatch.build(pairs, tok.pad_token_id)
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert cache_dropped(model.model)  # the whole-sequence path runs
+        model.zero_grad()
+        loss, rewards = RMLoss(model, None, 0.0)(batch)
+        loss.backward()
+        results.append((rewards, model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5) and results[0][1].abs().sum() > 0
+
+
 def test_lora_adapter_holds_the_trained_head_and_loads_with_peft(lora_run, tiny_qwen3):
     saved = load_file(str(lora_run / "adapter" / "adapter_model.safetensors"))
     assert any("score" in k for k in saved) and any("lora_A" in k for k in saved)
@@ -131,9 +178,12 @@ def test_loss_and_batch_equal_trls_reward_trainer(full_run, tmp_path):
     from posttrain.preference.data import PreferencePair
 
     pairs = [PreferencePair([5, 6], [7, 8], [9], 0.5, 1), PreferencePair([11], [12], [13, 14, 15, 16], 0.0, 2)]
-    ours = collate_pairs(pairs, tok.pad_token_id)
-    assert torch.equal(ours["input_ids"], batch["input_ids"]) and torch.equal(ours["margin"], batch["margin"])
-    loss, _ = RMLoss(model, None, 0.01)(ours["input_ids"], ours["attention_mask"], ours["margin"])
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    assert torch.equal(pad_right(seqs, tok.pad_token_id)[0], batch["input_ids"])  # the same sequences as TRL's
+    assert torch.equal(margins(pairs), batch["margin"])
+    shared = PairBatch.build(pairs, tok.pad_token_id)  # each pair's prompt + common beginning computed once
+    assert int(shared.counts[1]) < int(shared.counts[0])
+    loss, _ = RMLoss(model, None, 0.01)(shared, margins(pairs))
     assert float(loss) == pytest.approx(float(trl_loss), abs=1e-6)
     assert abs(float(trl_loss)) > 1e-3  # a real loss, not 0 = 0
 

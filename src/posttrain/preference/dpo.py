@@ -21,7 +21,7 @@ model), its log-probabilities are computed once before the first step for every 
 stored in the run directory (``reference_logps.safetensors``, with a fingerprint of the pairs), so ``--resume``
 reads them back instead of recomputing them from trained weights. ``simpo`` has no reference.
 
-Each pair's shared beginning is computed once (:class:`PairBatch`): the prompt plus the answers' common first
+Each pair's shared beginning is computed once (:class:`~posttrain.preference.pair_batch.PairBatch`): the prompt plus the answers' common first
 tokens run as one prefix per pair, whose key/value cache (in the autograd graph) the chosen and the rejected tail
 then both attend to, as GRPO shares a group's prompt; the values are those of two whole sequences up to float
 rounding, for fewer positions (on the tiny recipe's pairs, which differ only in their last line, 56% of them).
@@ -46,22 +46,19 @@ used (DPO has no margin term; ``posttrain rm`` uses it); pairs over ``data.max_l
 from __future__ import annotations
 
 import hashlib
-import math
 import time
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache
 
 from posttrain import fastpath
 from posttrain.distributed import accumulation, backward, finish_step
 from posttrain.errors import UserError
 from posttrain.fileops import tensor_bytes, writing
 from posttrain.losses import Head, module_head, selective_log_softmax
-from posttrain.models import autocast_to, decoder_and_head, resolve_compute_dtype
+from posttrain.models import decoder_and_head, resolve_compute_dtype
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.preference.data import (
     PreferencePair,
@@ -71,6 +68,7 @@ from posttrain.preference.data import (
 )
 from posttrain.preference.data import plan_steps
 from posttrain.preference.dpo_config import DPORecipe
+from posttrain.preference.pair_batch import PairBatch, pair_hidden
 from posttrain.preference.losses import dpo_loss
 from posttrain.runs import peak_memory_mb
 from posttrain.session import TrainingSession
@@ -81,92 +79,6 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
            "logps/rejected")
 
 # ---------------------------------------------------------------------------------------------- batches
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """B pairs, each pair's shared beginning computed once. The prefix of pair i is its prompt plus the longest
-    common beginning of its two answers (DPO pairs often differ only at the end); the chosen and rejected tails
-    are what follows it.
-
-    ``prefix_ids``, ``prefix_attn``, ``prefix_pos`` (B, Lp): the prefixes, left-padded; ``tail_ids``, ``tail_pos``
-    (2B, T): the chosen tails, then the rejected ones, right-padded; ``attn`` (2B, Lp + T) the mask of a tail row
-    over its prefix and itself. ``src`` (N,): for each scored position, its index in the flat hidden states
-    ``[prefix states (B*Lp); tail states (2B*T)]``, ``targets`` (N,) the token it predicts; ``pick``/``out`` (M,):
-    the answer token log-probs ``logps[pick]`` summed into sequence ``out`` (0..2B-1: chosen, then rejected; a
-    shared answer token counts for both sides). ``tokens`` (2B,) each answer's length; ``counts`` (3,): the tokens
-    of the 2B whole sequences (prompt + answer, what a plain batch would compute and what TRL counts), the
-    positions computed here, and the positions computed with their padding."""
-
-    prefix_ids: torch.Tensor
-    prefix_attn: torch.Tensor
-    prefix_pos: torch.Tensor
-    tail_ids: torch.Tensor
-    tail_pos: torch.Tensor
-    attn: torch.Tensor
-    prefix_of: torch.Tensor
-    src: torch.Tensor
-    targets: torch.Tensor
-    pick: torch.Tensor
-    out: torch.Tensor
-    tokens: torch.Tensor
-    counts: torch.Tensor
-
-    @classmethod
-    def build(cls, pairs: list[PreferencePair], pad_id: int) -> PairBatch:
-        B = len(pairs)
-        shared = [_common_length(p.chosen_ids, p.rejected_ids) for p in pairs]
-        prefixes = [p.prompt_ids + p.chosen_ids[:k] for p, k in zip(pairs, shared)]
-        tails = [p.chosen_ids[k:] for p, k in zip(pairs, shared)] + [p.rejected_ids[k:] for p, k in zip(pairs, shared)]
-        Lp, T = max(len(x) for x in prefixes), max(1, max(len(t) for t in tails))
-        prefix_ids = torch.full((B, Lp), pad_id, dtype=torch.long)
-        prefix_attn = torch.zeros((B, Lp), dtype=torch.long)
-        tail_ids = torch.full((2 * B, T), pad_id, dtype=torch.long)
-        tail_attn = torch.zeros((2 * B, T), dtype=torch.long)
-        src, targets, pick, out = [], [], [], []
-
-        def score(position: int, target: int, *sequences: int) -> None:
-            for s in sequences:
-                pick.append(len(src))
-                out.append(s)
-            src.append(position)
-            targets.append(target)
-
-        for i, (p, k, prefix) in enumerate(zip(pairs, shared, prefixes)):
-            pad = Lp - len(prefix)
-            prefix_ids[i, pad:] = torch.tensor(prefix)
-            prefix_attn[i, pad:] = 1
-            first = i * Lp + pad + len(p.prompt_ids) - 1  # the prompt's last position predicts answer token 0
-            for j in range(k):  # the answers' shared beginning: one prediction, counted for both sides
-                score(first + j, p.chosen_ids[j], i, B + i)
-            for s, answer in ((i, p.chosen_ids), (B + i, p.rejected_ids)):
-                tail = answer[k:]
-                tail_ids[s, :len(tail)] = torch.tensor(tail, dtype=torch.long)
-                tail_attn[s, :len(tail)] = 1
-                for j, token in enumerate(tail):  # tail token j: from the prefix's last state, then the tail's
-                    score(first + k if j == 0 else B * Lp + s * T + j - 1, token, s)
-        prefix_of = torch.arange(2 * B) % B
-        prefix_len = prefix_attn.sum(-1)
-        seq_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-        counts = torch.tensor([seq_tokens, int(prefix_len.sum() + tail_attn.sum()), B * Lp + 2 * B * T],
-                              dtype=torch.float64)
-        return cls(prefix_ids=prefix_ids, prefix_attn=prefix_attn, prefix_pos=(prefix_attn.cumsum(-1) - 1).clamp(min=0),
-                   tail_ids=tail_ids, tail_pos=prefix_len[prefix_of].unsqueeze(1) + torch.arange(T),
-                   attn=torch.cat([prefix_attn[prefix_of], tail_attn], dim=1), prefix_of=prefix_of,
-                   src=torch.tensor(src), targets=torch.tensor(targets), pick=torch.tensor(pick),
-                   out=torch.tensor(out), tokens=torch.tensor([len(p.chosen_ids) for p in pairs]
-                                                              + [len(p.rejected_ids) for p in pairs]),
-                   counts=counts)
-
-    def to(self, device) -> PairBatch:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    k = 0
-    while k < min(len(a), len(b)) and a[k] == b[k]:
-        k += 1
-    return k
 
 
 class SequenceLogps(torch.nn.Module):
@@ -184,19 +96,9 @@ class SequenceLogps(torch.nn.Module):
 
     def forward(self, batch: PairBatch, head: Head | None = None) -> torch.Tensor:
         """-> (2B,) summed log-probs. ``head``: the head as the fast path gives it; the model's own when None."""
-        decoder, head_module = decoder_and_head(self.model)
-        with autocast_to(batch.prefix_ids.device.type, self.compute_dtype):
-            pre = decoder(input_ids=batch.prefix_ids, attention_mask=batch.prefix_attn, position_ids=batch.prefix_pos,
-                          past_key_values=DynamicCache(config=self.model.config), use_cache=True)
-            cache = pre.past_key_values
-            for layer in cache.layers:  # index_select: a deterministic backward (see grpo/loop.py)
-                layer.keys = layer.keys.index_select(0, batch.prefix_of)
-                layer.values = layer.values.index_select(0, batch.prefix_of)
-            tail = decoder(input_ids=batch.tail_ids, attention_mask=batch.attn, position_ids=batch.tail_pos,
-                           past_key_values=cache, use_cache=True).last_hidden_state
-        width = pre.last_hidden_state.shape[-1]
-        hidden = torch.cat([pre.last_hidden_state.reshape(-1, width), tail.reshape(-1, width)])
-        logps, _ = selective_log_softmax(hidden.index_select(0, batch.src), head or module_head(head_module),
+        hidden = pair_hidden(self.model, batch, self.compute_dtype)
+        head = head or module_head(decoder_and_head(self.model)[1])
+        logps, _ = selective_log_softmax(hidden.index_select(0, batch.src), head,
                                          batch.targets, chunk_size=self.chunk_size)
         return logps.new_zeros(batch.tokens.shape[0]).index_add(0, batch.out, logps.index_select(0, batch.pick))
 

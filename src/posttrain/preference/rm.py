@@ -6,8 +6,11 @@ Objective (TRL's RewardTrainer, :func:`posttrain.preference.losses.bradley_terry
 optimizer step (every micro-batch of every process: each micro-batch's mean is weighted by its share of the
 step's pairs, and DDP's averaging is multiplied back, so the split into micro-batches and processes does not
 change the gradient). A reward is the scalar head's output at the last non-pad token of prompt + answer
-(:mod:`posttrain.preference.reward_model`). The chosen and the rejected sequences of a micro-batch go through one
-forward, concatenated (chosen first), so every weight is read once per micro-batch.
+(:mod:`posttrain.preference.reward_model`). A micro-batch's pairs go through one forward in which each pair's
+prompt and the answers' common beginning are computed once and both answers' remaining tokens on their key/value
+cache (:mod:`posttrain.preference.pair_batch`, as DPO does): the rewards of the whole sequences, for fewer
+positions, with the head applied only at the token it reads. The frozen weights compute through
+:func:`posttrain.fastpath.training`, as in SFT and DPO.
 
 Metrics under TRL's names, per step and (``val_`` prefix, as SFT's ``val_loss``) on the validation pairs:
 ``loss``, ``accuracy`` (share of pairs with r_c > r_r; a tie counts as wrong), ``margin`` (mean r_c - r_r),
@@ -16,13 +19,12 @@ Metrics under TRL's names, per step and (``val_`` prefix, as SFT's ``val_loss``)
 Batches: as SFT's (:func:`posttrain.sft.plan_epoch`: seeded shuffle per epoch, steps of similar length within
 blocks of 16 steps); a pair's length is its longer side. Full fine-tuning, LoRA (a ``SEQ_CLS`` adapter whose
 head trains and is saved with it) and QLoRA (4-bit base) as in SFT. Differences from TRL: no truncation either
-(over-long pairs are dropped and counted, :mod:`posttrain.preference.data`); the head and the loss run in
-float32 when ``train.compute_dtype`` autocasts the decoder to bfloat16.
+(over-long pairs are dropped and counted, :mod:`posttrain.preference.data`); the head and the loss run outside
+autocast (float32 for a float32 model) when ``train.compute_dtype`` autocasts the decoder to bfloat16.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -33,13 +35,15 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from posttrain.distributed import accumulation, backward, finish_step
 from posttrain.errors import UserError
 from posttrain.evaluation.metrics import wilson_interval
-from posttrain.models import autocast_to, prepare_for_training, resolve_compute_dtype, trainable_summary
+from posttrain import fastpath
+from posttrain.models import decoder_and_head, prepare_for_training, resolve_compute_dtype, trainable_summary
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.preference.config import RMRecipe
 from posttrain.preference.data import PreferencePair, load_pairs, pad_token_id, split_pairs
 from posttrain.preference.data import plan_steps
 from posttrain.preference.losses import bradley_terry_loss
-from posttrain.preference.reward_model import load_sequence_classifier, pad_right, score_ids
+from posttrain.preference.pair_batch import PairBatch, pair_hidden
+from posttrain.preference.reward_model import load_sequence_classifier
 from posttrain.runs import peak_memory_mb
 from posttrain.session import TrainingSession
 from posttrain.sft import micro_batches, plan_epoch
@@ -52,14 +56,21 @@ class RMLoss(torch.nn.Module):
         super().__init__()
         self.model, self.compute_dtype, self.center_coef = model, compute_dtype, center_coef
 
-    def forward(self, input_ids, attention_mask, margin=None):
+    def forward(self, batch: PairBatch, margin=None):
         """(mean loss over the micro-batch's pairs, the detached rewards: chosen then rejected)."""
-        with autocast_to(input_ids.device.type, self.compute_dtype):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        rewards = logits[:, 0].float()
+        rewards = pair_scores(self.model, batch, self.compute_dtype)
         r_c, r_r = rewards.chunk(2)
         loss, _ = bradley_terry_loss(r_c, r_r, margin, self.center_coef)
         return loss, rewards.detach()
+
+
+def pair_scores(model, batch: PairBatch, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """(2B,) float32 rewards of a :class:`PairBatch` (chosen, then rejected): the score head at each sequence's
+    last non-pad token, which is what the sequence classifier's own forward reads, with each pair's shared
+    beginning computed once. The head runs outside autocast, in its weight's dtype."""
+    hidden = pair_hidden(model, batch, compute_dtype).index_select(0, batch.last)
+    score = decoder_and_head(model)[1]
+    return score(hidden.to(score.weight.dtype))[:, 0].float()
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -112,31 +123,31 @@ def _peft_config(lora, model) -> PeftLoraConfig:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict:
-    """One forward's inputs: the chosen sequences, then the rejected ones (prompt + answer), padded on the right."""
-    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    ids, mask = pad_right(seqs, pad_id)
-    margin = (torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
-              if any(p.margin is not None for p in pairs) else None)
-    return {"input_ids": ids, "attention_mask": mask, "margin": margin, "tokens": int(mask.sum())}
+def margins(pairs: list[PreferencePair]) -> torch.Tensor | None:
+    """The pairs' margins (0 where a row has none), or None when no pair has one."""
+    if not any(p.margin is not None for p in pairs):
+        return None
+    return torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
 
 
-def pair_rewards(model, pairs: list[PreferencePair], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected) of ``pairs`` under ``inference_mode`` (``batch_size`` sequences per forward)."""
-    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+@torch.inference_mode()
+def pair_rewards(model, pairs: list[PreferencePair], pad_id: int, batch_size: int,
+                 compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) of ``pairs``, ``batch_size`` sequences (half as many pairs) per forward."""
     was_training = model.training
     model.eval()
-    scores = torch.tensor(score_ids(model, seqs, pad_id, batch_size), dtype=torch.float32)
+    device, n = next(model.parameters()).device, max(1, batch_size // 2)
+    scores = [pair_scores(model, PairBatch.build(pairs[k:k + n], pad_id).to(device), compute_dtype).view(2, -1)
+              for k in range(0, len(pairs), n)]
     model.train(was_training)
-    return scores[:len(pairs)], scores[len(pairs):]
+    both = torch.cat(scores, dim=1).cpu() if scores else torch.zeros(2, 0)
+    return both[0], both[1]
 
 
 def pair_metrics(r_c: torch.Tensor, r_r: torch.Tensor, pairs: list[PreferencePair], center_coef: float = 0.0,
                  prefix: str = "") -> dict:
     """The loss and TRL's metrics of scored pairs, plus the 95% Wilson interval of the accuracy."""
-    margin = (torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
-              if any(p.margin is not None for p in pairs) else None)
-    loss, m = bradley_terry_loss(r_c, r_r, margin, center_coef)
+    loss, m = bradley_terry_loss(r_c, r_r, margins(pairs), center_coef)
     out = {"loss": float(loss), **{k: float(v) for k, v in m.items()}}
     lo, hi = wilson_interval(float((r_c > r_r).sum()), len(pairs))
     out.update({"accuracy_ci95_low": lo, "accuracy_ci95_high": hi, "pairs": len(pairs)})
@@ -169,6 +180,8 @@ def train(cfg: RMRecipe, resume: bool = False, allow_changes: list[str] | tuple[
     loss_module, optimizer, scheduler = run.prepare(RMLoss(model, compute, cfg.rm.center_rewards_coefficient),
                                                     optimizer, scheduler)
     device = run.device
+    prepacked: dict = {}  # frozen weights the fast path prepacked once for the run
+    copies = run.launch in ("single", "ddp")
     start_step = run.begin(model, optimizer, scheduler, total_steps)["step"]
     lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_set]
     plans: dict[int, list[list[int]]] = {}
@@ -181,14 +194,15 @@ def train(cfg: RMRecipe, resume: bool = False, allow_changes: list[str] | tuple[
         batches = micro_batches(step_pairs, t.batch_size, run.rank, run.world)
         t0 = time.perf_counter()
         rewards, tokens = [], 0
-        for j, mb in enumerate(batches):
-            batch = collate_pairs(mb, pad_id)
-            margin = batch["margin"].to(device) if batch["margin"] is not None else None
-            with accumulation(run.accelerator, loss_module, j == len(batches) - 1):
-                loss, r = loss_module(batch["input_ids"].to(device), batch["attention_mask"].to(device), margin)
-                backward(run.accelerator, loss * (len(mb) * run.world / global_batch))
-            rewards.append(r.view(2, -1))
-            tokens += batch["tokens"]
+        with fastpath.training(model, compute, cache=prepacked, copies=copies):
+            for j, mb in enumerate(batches):
+                batch = PairBatch.build(mb, pad_id).to(device)
+                margin = margins(mb)
+                with accumulation(run.accelerator, loss_module, j == len(batches) - 1):
+                    loss, r = loss_module(batch, margin.to(device) if margin is not None else None)
+                    backward(run.accelerator, loss * (len(mb) * run.world / global_batch))
+                rewards.append(r.view(2, -1))
+                tokens += int(batch.counts[0])
         r_all = torch.cat(rewards, dim=1)  # (2, this process's pairs)
         if run.world > 1:
             r_all = run.accelerator.gather(r_all.t().contiguous()).t()  # (pairs, 2) per rank, rank by rank
@@ -205,7 +219,7 @@ def train(cfg: RMRecipe, resume: bool = False, allow_changes: list[str] | tuple[
                         "peak_memory_mb": peak_memory_mb(device)})
         done = step + 1
         if val_set and t.eval_every and (done % t.eval_every == 0 or done == total_steps):
-            r_c, r_r = pair_rewards(model, val_set, pad_id, 2 * t.batch_size)
+            r_c, r_r = pair_rewards(model, val_set, pad_id, 2 * t.batch_size, compute)
             metrics.update(pair_metrics(r_c, r_r, val_set, cfg.rm.center_rewards_coefficient, prefix="val_"))
         run.end_step(done, metrics, model, optimizer, scheduler, {"epoch": epoch, "index": index + 1})
     return run.finish(loss_module, model, tok, cfg.lora is not None)
