@@ -37,6 +37,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,15 +280,22 @@ def _run_stages(pipe: Pipeline) -> None:
                                 "trained to export; move it after a training stage")
             source = prev
             fp = _fingerprint({"command": "export", "spec": stage.spec, "source": str(source)})
-        # what this stage consumed: the DONE stamp of the training stage before it (redone upstream -> redo)
+        # what this stage consumed: the DONE stamps of the training stage before it and of every earlier stage its
+        # overrides name through {run}/NAME (a reward model, sampled pairs): one of them redone -> redo this one
         upstream = read_done(prev) if prev is not None else None
         stamp = _fingerprint([upstream.get("fingerprint"), upstream.get("finished_at")]) if upstream else None
+        referenced = _referenced_stages(stage, pipe, k)
+        if referenced:
+            stamp = _fingerprint([stamp] + [[d.get("fingerprint"), d.get("finished_at")] if (d := read_done(s))
+                                            else None for s in referenced])
+        inputs = ([prev] if prev is not None else []) + referenced
         done = read_done(stage.dir)
         if done is not None and done.get("fingerprint") != fp:
             raise UserError(f"stage {stage.name} in {stage.dir} was finished with a different recipe or settings; "
                             f"delete {stage.dir} to redo it (and the stages after it), or run into another --out")
         if done is not None and done.get("input") != stamp:
-            print(f"{head}: its input stage {prev.name} was redone since; redoing {stage.name}")
+            names = " or ".join(s.name for s in inputs)
+            print(f"{head}: its input stage {names} was redone since; redoing {stage.name}")
             remove_tree(stage.dir, pipe.run_dir)
             done = None
         if done is not None:
@@ -318,6 +326,13 @@ def _run_stages(pipe: Pipeline) -> None:
         prev = stage.dir if stage.command in POLICY else latest
     _save_pipeline_file(pipe)
     print(f"[posttrain] pipeline finished in {time.perf_counter() - t_all:.0f}s")
+
+
+def _referenced_stages(stage: Stage, pipe: Pipeline, k: int) -> list[Path]:
+    """The directories of the stages before the ``k``-th (1-based) that ``stage``'s overrides name as
+    ``{run}/NAME`` (e.g. a grpo stage's reward model ``'{run}/rm'``)."""
+    named = set(re.findall(r"\{run\}/([A-Za-z0-9_.-]+)", " ".join(getattr(stage.config, "overrides", None) or [])))
+    return [s.dir for s in pipe.stages[:k - 1] if s.name in named]
 
 
 def _first_train_model(pipe: Pipeline) -> str | None:

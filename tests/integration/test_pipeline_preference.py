@@ -106,3 +106,28 @@ def test_start_from_must_name_an_earlier_policy_stage(tiny_qwen3, tmp_path):
         with pytest.raises(UserError, match=why) as err:
             load_pipeline(tmp_path / "p.yaml")
         assert "p.yaml" in str(err.value) and "start_from" in str(err.value) and "['sft']" in str(err.value)
+
+
+def test_a_stage_is_redone_when_a_stage_it_names_through_run_was_redone(tiny_qwen3, tmp_path, capsys):
+    """A grpo stage that scores with '{run}/rm' consumed the rm stage's model, not just the policy before it: when
+    the rm stage is redone, the grpo stage is redone too; when nothing changed, both are skipped."""
+    (tmp_path / "rm.yaml").write_text(PAIRS.format(model=tiny_qwen3).replace("max_steps: 2", "max_steps: 1"))
+    (tmp_path / "grpo.yaml").write_text(GRPO.format(model=tiny_qwen3).replace("max_steps: 2", "max_steps: 1"))
+    (tmp_path / "pipe.yaml").write_text(
+        f"model: {tiny_qwen3}\nstages:\n  - {{name: rm, recipe: rm.yaml}}\n  - name: grpo\n    recipe: grpo.yaml\n"
+        "    overrides: [\"rewards=[{name: reward_model, model: '{run}/rm'}]\"]\n")
+    run = tmp_path / "run"
+
+    def finished(stage):
+        return json.loads((run / stage / "DONE").read_text())["finished_at"]
+
+    run_pipeline(tmp_path / "pipe.yaml", out=run)
+    first = finished("grpo")
+    run_pipeline(tmp_path / "pipe.yaml", out=run)
+    assert finished("grpo") == first and "grpo (grpo): done already, skipped" in capsys.readouterr().out
+    import shutil
+
+    shutil.rmtree(run / "rm")  # the user redoes the reward model
+    run_pipeline(tmp_path / "pipe.yaml", out=run)
+    assert "its input stage rm was redone since; redoing grpo" in capsys.readouterr().out
+    assert finished("grpo") != first
