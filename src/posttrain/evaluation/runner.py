@@ -153,7 +153,9 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None
     pending = [p for p in benchmark.problems if p.id not in done]
     lengths = {p.id: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]) for p in pending}
     pending.sort(key=lambda p: -lengths[p.id])   # similar lengths share a batch; the longest run first
-    per_batch = max(1, settings.batch_size // settings.samples)
+    # a generator that schedules its own batches (vLLM) takes many prompts per call
+    batch_size = max(settings.batch_size, getattr(model, "prompts_per_call", 0))
+    per_batch = max(1, batch_size // settings.samples)
 
     was_training = model.training
     model.eval()
@@ -171,8 +173,8 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None
             group = pending[b: b + per_batch]
             seqs = [(p, s) for p in group for s in range(settings.samples)]
             completions = []
-            for c in range(0, len(seqs), settings.batch_size):
-                chunk = seqs[c: c + settings.batch_size]
+            for c in range(0, len(seqs), batch_size):
+                chunk = seqs[c: c + batch_size]
                 completions += (generate_fn or generate)(
                     model, tokenizer, [prompts[p.id] for p, _ in chunk], max_new_tokens=settings.max_new_tokens,
                     temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, stop=stops,

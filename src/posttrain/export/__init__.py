@@ -260,17 +260,19 @@ def _export_dense(src, fmt: str, tmp: Path, report: dict, *, quant: str, dtype: 
         model, tok = load(src, device=device, verbose=verbose)
         ids = probe_ids(tok)
         ref = outputs(model, ids)
-        del model
-    model, tok = load(src, device=device, dequantize=True, verbose=verbose and ref is None)
+        del model  # a fresh load is merged: on CPU bnb repacks 4-bit weights (lossily) at an inference forward
+    model, tok = load(src, device=device, verbose=verbose and ref is None)
     if verify and ref is None:
         ids = probe_ids(tok)
         ref = outputs(model, ids)
-    merged = merge_mod.cast(merge_mod.merge(model), dtype)
+    # a 4-bit base is merged in float32 layer by layer (merge.merge_4bit), a dense one by PEFT in its own dtype
+    merged = merge_mod.merge_4bit(model, dtype) if from_4bit else merge_mod.cast(merge_mod.merge(model), dtype)
     report["dtype"] = dtype
     n_params = sum(p.numel() for p in merged.parameters())
     space.need(n_params * (merged.dtype.itemsize if fmt == "merged" else _GGUF_BYTES[quant]))
     if src.adapter_dir is not None:
-        _log(f"merged the adapter into {'dequantized 4-bit' if from_4bit else 'dense'} weights, saved as {dtype}",
+        _log(f"merged the adapter into {'4-bit weights dequantized to float32' if from_4bit else 'dense'} weights, "
+             f"saved as {dtype}",
              verbose)
     if fmt == "merged":
         merge_mod.save_merged(merged, tok, tmp)

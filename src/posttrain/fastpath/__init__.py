@@ -45,8 +45,14 @@ def _head(module: torch.nn.Module) -> Head:
 def training(model, compute_dtype: torch.dtype | None, *, cache: dict | None = None,
              copies: bool = True) -> Iterator[Head]:
     """The weights of an update step (see the module docstring); yields the head for the loss.
-    ``copies=False`` (sharded launches: FSDP2, ZeRO) keeps the frozen weights in their own dtype."""
-    weights_dtype = compute_dtype if copies else None
+    ``copies=False`` (sharded launches: FSDP2, ZeRO) leaves the weights alone and yields None: their tensors are
+    whole only inside the prepared module's forward (FSDP2 swaps in unsharded parameters, ZeRO-3 gathers on
+    access), so the loss wrapper takes the model's head there; a head made here would hold the shards."""
+    if not copies:
+        with float32_attention(model, compute_dtype):
+            yield None
+        return
+    weights_dtype = compute_dtype
     decoder, head = decoder_and_head(model)
     with ExitStack() as stack:
         stack.enter_context(float32_attention(model, compute_dtype))

@@ -82,17 +82,18 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
     while True:
         draws = stream.draw(per_proc * world)[rank * per_proc:(rank + 1) * per_proc]
         need = per_proc - len(groups)
-        new: list[Group] = []
-        if need > 0:
-            batch = [prompts[i] for i, _ in draws]
-            t0 = time.perf_counter()
-            ro = engine.generate([p.ids for p in batch], grpo.num_generations, sampling, seeds=[k for _, k in draws])
-            counts["rollout_time"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            new = score_groups(ro, batch, rewards, tok, step, grpo.mask_truncated_completions)
-            counts["reward_time"] += time.perf_counter() - t0
-            counts["gen_tokens"] += ro.stats["tokens"]
-            counts["seen_tokens"] += ro.stats["tokens"] + sum(len(p.ids) for p in batch) * grpo.num_generations
+        # every process generates in every round, even one whose groups are complete (need <= 0; what it draws is
+        # not kept): generation may hold collectives (FSDP2 / ZeRO-3 gather the weights, vLLM syncs them) that
+        # every rank must enter, and the others are generating anyway, so it costs no wall time
+        batch = [prompts[i] for i, _ in draws]
+        t0 = time.perf_counter()
+        ro = engine.generate([p.ids for p in batch], grpo.num_generations, sampling, seeds=[k for _, k in draws])
+        counts["rollout_time"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        new = score_groups(ro, batch, rewards, tok, step, grpo.mask_truncated_completions) if need > 0 else []
+        counts["reward_time"] += time.perf_counter() - t0
+        counts["gen_tokens"] += ro.stats["tokens"]
+        counts["seen_tokens"] += ro.stats["tokens"] + sum(len(p.ids) for p in batch) * grpo.num_generations
         if first is None:
             first = list(new)
         if grpo.dynamic_sampling:

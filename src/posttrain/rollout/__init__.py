@@ -91,6 +91,21 @@ class RolloutEngine(Protocol):
                  seeds: Sequence[int] | None = None) -> Rollouts: ...
 
 
+def checked_request(prompts: Sequence[Sequence[int]], n: int, seeds: Sequence[int] | None
+                    ) -> tuple[list[list[int]], list[int]]:
+    """A ``generate`` request as plain lists, checked the same way by every engine: ``n >= 1``, no empty prompt,
+    one seed per prompt (default: the prompt's index)."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    prompts = [list(map(int, p)) for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt is empty; every prompt needs at least one token")
+    seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    return prompts, seeds
+
+
 def completion_seed(sampling_seed: int, prompt_seed: int, index: int) -> int:
     """The seed of completion ``index`` of the prompt seeded ``prompt_seed``: a deterministic 63-bit mix of the
     three integers (splitmix64 steps). Every backend keys its per-completion random stream with it."""

@@ -32,7 +32,7 @@ import torch
 
 from posttrain import fastpath
 from posttrain.models import autocast_to, decoder_and_head
-from posttrain.rollout import Rollouts, SamplingParams, completion_seed, stop_token_ids
+from posttrain.rollout import Rollouts, SamplingParams, checked_request, completion_seed, stop_token_ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,14 +108,7 @@ class HFRolloutEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, *,
                  seeds: Sequence[int] | None = None) -> Rollouts:
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        prompts = [list(map(int, p)) for p in prompts]
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("a prompt is empty; every prompt needs at least one token")
-        seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        prompts, seeds = checked_request(prompts, n, seeds)
         t0 = time.perf_counter()
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths decode together
         per_chunk = max(1, (self.max_rows or n * len(prompts)) // n)
