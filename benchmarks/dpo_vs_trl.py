@@ -33,12 +33,11 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from trl_side import SEVEN, make_init_adapter, train_timed
+from trl_side import SEVEN, make_init_adapter, run_in_subprocess, train_timed
 
 SEED = 3407
 BETA, LR, MAX_LEN = 0.1, 5e-5, 256
@@ -145,19 +144,8 @@ def run_worker(args) -> None:
 
 
 def run_system(system: str, args, workdir: Path) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", system, "--workdir", str(workdir), "--steps", str(args.steps),
-           "--batch", str(args.batch)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"})
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
-        return None
-    res = json.loads(line[7:])
-    res["wall_s"] = time.perf_counter() - t0
-    print(f"[bench] {system}: {res}", file=sys.stderr, flush=True)
-    return res
+    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--steps", str(args.steps),
+                                                "--batch", str(args.batch)])
 
 
 def loss_check(args, workdir: Path) -> None:

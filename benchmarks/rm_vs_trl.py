@@ -27,12 +27,10 @@ import io
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from trl_side import SEVEN, train_timed
+from trl_side import SEVEN, run_in_subprocess, train_timed
 
 SEED = 3407
 LR, MAX_LEN, CENTER = 2e-4, 256, 0.01
@@ -165,19 +163,8 @@ def run_worker(args) -> None:
 
 
 def run_system(system: str, args, workdir: Path) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", system, "--workdir", str(workdir), "--steps", str(args.steps),
-           "--batch", str(args.batch)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"})
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
-        return None
-    res = json.loads(line[7:])
-    res["wall_s"] = time.perf_counter() - t0
-    print(f"[bench] {system}: {res}", file=sys.stderr, flush=True)
-    return res
+    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--steps", str(args.steps),
+                                                "--batch", str(args.batch)])
 
 
 def loss_check(args, workdir: Path) -> None:

@@ -26,12 +26,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from trl_side import SEVEN, make_init_adapter, train_timed
+from trl_side import SEVEN, make_init_adapter, run_in_subprocess, train_timed
 
 SEED = 3407
 
@@ -172,18 +171,9 @@ def run_worker(args) -> None:
 
 
 def run_system(system: str, args, workdir: Path) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", system, "--workdir", str(workdir), "--steps", str(args.steps),
-           "--trl-default-steps", str(args.trl_default_steps), "--batch", str(args.batch)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
-        return None
-    res = json.loads(line[7:])
-    res["wall_s"] = time.perf_counter() - t0
-    print(f"[bench] {system}: {res}", file=sys.stderr, flush=True)
-    return res
+    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--steps", str(args.steps),
+                                                "--trl-default-steps", str(args.trl_default_steps),
+                                                "--batch", str(args.batch)])
 
 
 def loss_check(args, workdir: Path) -> None:

@@ -1,8 +1,13 @@
 """What the side-by-side benchmarks (sft_vs_trl, dpo_vs_trl, rm_vs_trl) share on TRL's side and for their loss
-checks: a seeded starting adapter, and a TRL trainer's run timed step by step with the tokens of each batch."""
+checks: a seeded starting adapter, a TRL trainer's run timed step by step with the tokens of each batch, and each
+system run in its own subprocess (its own peak RSS) that reports one ``RESULT {json}`` line."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,3 +71,19 @@ def train_timed(trainer) -> TimedRun:
     trainer.add_callback(Timer())
     trainer.train()
     return run
+
+
+def run_in_subprocess(script: str, system: str, args: list[str]) -> dict | None:
+    """Run ``script --worker SYSTEM ARGS`` in a subprocess and return its ``RESULT`` dict plus ``wall_s``; None (with
+    the worker's output on stderr) when it printed none."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, "--worker", system, *args], check=False, capture_output=True,
+                          text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
+        return None
+    res = json.loads(line[7:])
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"[bench] {system}: {res}", file=sys.stderr, flush=True)
+    return res
