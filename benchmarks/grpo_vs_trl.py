@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from busy import busy_process
+
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_PROMPTS, G, NEW_TOKENS = 4, 4, 64
 
@@ -85,7 +87,9 @@ def run_posttrain(steps: int, out: Path) -> dict:
     from posttrain.config import load_recipe
     from posttrain.grpo.loop import train
     from posttrain.grpo.config import GRPORecipe
+    from posttrain.threads import apply
 
+    apply()  # the thread count `posttrain grpo` would choose here (the free cores; POSTTRAIN_THREADS overrides)
     rows = prompts()
     for r in rows:
         r["problem"] = r.pop("prompt")[0]["content"]
@@ -213,11 +217,24 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--busy", action="store_true",
+                    help="run every system beside one competing busy process (benchmarks/busy.py), as on a shared "
+                         "machine")
     args = ap.parse_args()
     if args.child:
         child(args.child, args.steps, args.result)
         return
     results: dict = {}
+    with busy_process(args.busy):
+        run_rounds(args, results)
+    if args.busy:
+        print("\nBeside one busy process (benchmarks/busy.py):")
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def run_rounds(args, results: dict) -> None:
     for round_ in range(args.rounds):
         for system in args.systems.split(","):
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -236,9 +253,6 @@ def main() -> None:
             results[system]["all_rounds"] = res["all_rounds"]
             print(f"[bench] round {round_ + 1} {system}: {res['step_time']:.1f} s/step, peak RSS "
                   f"{res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s total)", flush=True)
-    report(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 def report(r: dict) -> None:

@@ -8,14 +8,15 @@ lr 2e-4 linear, AdamW, on CPU. Each system runs in its own subprocess (its own p
       --systems posttrain,posttrain_mb2,posttrain_bf16,posttrain_mb2_bf16,trl_tuned,trl_best,trl_default
   python benchmarks/sft_vs_trl.py --loss-check --steps 6      # same initial adapter, same batch: losses side by side
 
-Systems: ``posttrain`` (fp32), ``posttrain_mb4``/``posttrain_mb2`` (each batch of 8 as micro-batches of 4/2 with
+Systems: ``posttrain`` (its defaults: ``compute_dtype: auto``, bf16 on a CPU with native bf16, else fp32),
+``posttrain_fp32`` / ``posttrain_mb2_fp32`` (float32), ``posttrain_mb4``/``posttrain_mb2`` (each batch of 8 as micro-batches of 4/2 with
 token-normalized accumulation: the same update), ``posttrain_bf16``/``posttrain_mb2_bf16`` (train.compute_dtype=
 bfloat16: decoder layers under bf16 autocast, head and loss in float32); TRL ``trl_default`` (its defaults with
 ``use_cpu=True``: bf16 autocast and gradient checkpointing on), ``trl_tuned`` (fp32, no gradient checkpointing)
 and ``trl_best`` (bf16, no gradient checkpointing: TRL's fastest here, on a CPU with AVX512-BF16).
 Tokens/s counts real (non-padding) tokens over the measured steps (the first step is a warm-up and is excluded).
-Model FLOPs utilization = tokens/s x 4 N (LoRA, frozen base; N = all parameters) / the fp32 matmul peak measured
-here (for the bf16 systems it is over the fp32 peak, so it can exceed 100%).
+Model FLOPs utilization = tokens/s x 4 N (LoRA, frozen base; N = all parameters) / the matmul peak measured here
+in the system's matmul dtype (a 2048^3 matmul: fp32, or bf16 for the systems that autocast to it).
 Held-out loss: the mean assistant-token cross-entropy of each trained model on the same 32 held-out
 conversations, computed in fp32 by the same function for every system.
 """
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from busy import busy_process
 from trl_side import SEVEN, make_init_adapter, run_in_subprocess, train_timed
 
 SEED = 3407
@@ -45,10 +47,11 @@ def make_rows(n: int, seed: int, split: str) -> list[dict]:
     return rows
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype=None) -> float:
+    """The best GFLOP/s of an n x n matmul in ``dtype`` (default float32; bfloat16 runs on oneDNN's bf16 kernels)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -81,17 +84,24 @@ def heldout_loss(model, tok, rows: list[dict]) -> float:
 
 
 def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
+    import torch
+
     from posttrain.config import load_recipe
     from posttrain.sft import train
+    from posttrain.threads import apply
 
+    apply()  # the thread count `posttrain sft` would choose here (the free cores; POSTTRAIN_THREADS overrides)
     out = Path(args.workdir) / args.worker
     # posttrain_mb4 / _mb2 run each batch of 8 as micro-batches of 4 / 2 (token-normalized accumulation:
     # the same update, see tests/integration/test_sft.py::test_grad_accumulation_equals_one_big_batch)
-    micro = {"posttrain_mb4": 4, "posttrain_mb2": 2, "posttrain_mb2_bf16": 2}.get(args.worker, args.batch)
+    micro = {"posttrain_mb4": 4, "posttrain_mb2": 2, "posttrain_mb2_bf16": 2, "posttrain_fp32": args.batch,
+             "posttrain_mb2_fp32": 2}.get(args.worker, args.batch)
     same = args.worker.endswith("_same")  # the loss check: one shared initial adapter, one batch = all the data
     extra = [f"init_adapter={Path(args.workdir) / 'init_adapter'}", "data.val_size=0"] if same else []
     if args.worker.endswith("_bf16"):  # bf16 autocast of the decoder layers (the head and loss stay float32)
         extra.append("train.compute_dtype=bfloat16")
+    elif args.worker.endswith(("_fp32", "_same")):  # float32 throughout (the defaults' auto is bf16 on native-bf16 CPUs)
+        extra.append("train.compute_dtype=float32")
     cfg = load_recipe(None, extra + [
         "model.name=smollm2-135m-instruct", f"data.path={train_file}", "data.format=prompt_completion",
         "data.template=tokenizer", "data.max_length=512", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
@@ -112,7 +122,8 @@ def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
     return {"tokens": sum(r["tokens"] for r in measured), "seconds": sum(r["step_time"] for r in measured),
             "train_loss": rows[-1]["loss"], "padding_pct": sum(r["padding_pct"] for r in rows) / len(rows),
             "heldout_loss": heldout_loss(model, tok, held), "steps": len(rows), "peak_rss_mb": peak,
-            "losses": [r["loss"] for r in rows], "step_tokens": [r["tokens"] for r in rows]}
+            "losses": [r["loss"] for r in rows], "step_tokens": [r["tokens"] for r in rows],
+            "threads": torch.get_num_threads()}
 
 
 def worker_trl(args, train_file: Path, held: list[dict], mode: str) -> dict:
@@ -211,6 +222,9 @@ def main() -> None:
     ap.add_argument("--loss-check", action="store_true",
                     help="instead of the speed table: posttrain and tuned TRL from one shared initial adapter on one "
                          "batch (the whole data set, so data order cannot differ), per-step train loss side by side")
+    ap.add_argument("--busy", action="store_true",
+                    help="run every system beside one competing busy process (benchmarks/busy.py), as on a shared "
+                         "machine")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -224,7 +238,13 @@ def main() -> None:
     if args.loss_check:
         loss_check(args, workdir)
         return
+    import torch
+
+    from posttrain.models import cpu_has_native_bf16
+
     peak = matmul_peak_gflops()
+    peak_bf16 = matmul_peak_gflops(dtype=torch.bfloat16)
+    native_bf16 = cpu_has_native_bf16()
     from posttrain.config import ModelConfig
     from posttrain.models import load_model
 
@@ -232,23 +252,29 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     del model
     results = {}
-    for system in [s for _ in range(args.rounds) for s in args.systems.split(",")]:
-        res = run_system(system, args, workdir)
-        if res is None:
-            continue
-        old = results.get(system)
-        if old is None or res["tokens"] / res["seconds"] > old["tokens"] / old["seconds"]:
-            results[system] = res
-    print(f"\nBest of {args.rounds} alternating runs each. SmolLM2-135M-Instruct ({n_params / 1e6:.1f} M params), LoRA r16 all linear, batch {args.batch}, fp32 CPU; "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s ({os.cpu_count()} cores)\n")
-    print("| system | steps | tokens/s | peak RSS (MB) | held-out loss | last train loss | MFU |")
-    print("|---|---|---|---|---|---|---|")
+    with busy_process(args.busy):
+        for system in [s for _ in range(args.rounds) for s in args.systems.split(",")]:
+            res = run_system(system, args, workdir)
+            if res is None:
+                continue
+            old = results.get(system)
+            if old is None or res["tokens"] / res["seconds"] > old["tokens"] / old["seconds"]:
+                results[system] = res
+    print(f"\n{'Beside one busy process (benchmarks/busy.py). ' if args.busy else ''}"
+          f"Best of {args.rounds} alternating runs each. SmolLM2-135M-Instruct ({n_params / 1e6:.1f} M params), LoRA r16 all linear, batch {args.batch}, fp32 CPU; "
+          f"matmul peak fp32 {peak:.0f} / bf16 {peak_bf16:.0f} GFLOP/s ({os.cpu_count()} cores)\n")
+    print("| system | steps | tokens/s | peak RSS (MB) | held-out loss | last train loss | matmul dtype | MFU (that "
+          "dtype's peak) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         tps = r["tokens"] / r["seconds"] if r["seconds"] else float("nan")
-        mfu = tps * 4 * n_params / (peak * 1e9)
+        bf16 = (name.endswith("_bf16") or name in ("trl_best", "trl_default")
+                or (name in ("posttrain", "posttrain_mb4", "posttrain_mb2") and native_bf16))
+        mfu = tps * 4 * n_params / ((peak_bf16 if bf16 else peak) * 1e9)
         print(f"| {name} | {r['steps']} | {tps:.1f} | {r['peak_rss_mb']:.0f} | {r['heldout_loss']:.4f} | "
-              f"{r['train_loss']:.4f} | {100 * mfu:.0f}% |")
-    for mine in ("posttrain", "posttrain_mb4", "posttrain_mb2", "posttrain_bf16", "posttrain_mb2_bf16"):
+              f"{r['train_loss']:.4f} | {'bf16' if bf16 else 'fp32'} | {100 * mfu:.0f}% |")
+    for mine in ("posttrain", "posttrain_mb4", "posttrain_mb2", "posttrain_bf16", "posttrain_mb2_bf16", "posttrain_fp32",
+                 "posttrain_mb2_fp32"):
         if mine not in results:
             continue
         p = results[mine]

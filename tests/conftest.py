@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the thread count stays torch's default in every test (in-process and subprocess commands alike): no load-dependent
+# choice (posttrain.threads), which would make results and timings depend on what else the machine runs
+if "OMP_NUM_THREADS" not in os.environ and "POSTTRAIN_THREADS" not in os.environ:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

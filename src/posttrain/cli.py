@@ -28,6 +28,8 @@ COMMANDS = {
     "recipes": "posttrain.commands.recipes_cmd",
     "config": "posttrain.commands.config_cmd",
 }
+# the commands that compute with torch: their thread count is chosen from the free cores first (posttrain.threads)
+COMPUTE = ("sft", "grpo", "rm", "eval-rm", "dpo", "eval", "export", "chat", "generate", "run", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in COMPUTE:
+            from posttrain.threads import apply
+
+            apply()
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that went away (| head) shows here, not as a traceback at exit
         return status

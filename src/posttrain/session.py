@@ -5,7 +5,8 @@
   the guard (a run with checkpoints is continued only with ``--resume``, a finished run is not overwritten), and
   with ``--resume`` the recipe compared with the run's ``config.yaml`` (``resume``); seeds, the model
   (transformers or Unsloth, optionally from an SFT adapter), the resolved recipe saved in the run directory;
-- :meth:`TrainingSession.begin`: resume from the newest intact checkpoint, the metrics logger, the graceful stop
+- :meth:`TrainingSession.begin`: resume from the newest intact checkpoint (with the thread count the run used,
+  recorded in each checkpoint: ``threads``), the metrics logger, the graceful stop
   (Ctrl-C or SIGTERM finish the step, save a checkpoint and exit);
 - :meth:`TrainingSession.end_step`: log, checkpoint every ``save_every`` steps or when stopped;
 - :meth:`TrainingSession.finish`: the final save (the adapter or the whole model). When it fails (a full disk),
@@ -25,6 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from posttrain import resume as resume_mod
+from posttrain import threads
 from posttrain.checkpoint import (checkpoints_dir, finish_checkpoint, leftovers, list_checkpoints, load_checkpoint,
                                   newest_intact, save_checkpoint, step_dirs)
 from posttrain.config import save_recipe
@@ -144,7 +146,9 @@ class TrainingSession:
             if state is None:
                 raise UserError(f"--resume: no checkpoint in {checkpoints_dir(self.run_dir)}; run without --resume "
                                 "to start")
+            threads_line = threads.apply_for_resume(state.get("threads"))  # the run's count: bit-identical steps
             if self.is_main:
+                print(threads_line, flush=True)
                 resume_mod.save_resumed_recipe(self.run_dir, self.cfg, self.changes, state["step"])
                 accepted = "; ".join(f"{k}: {a} -> {b}" for k, a, b in self.changes)
                 print(f"[posttrain] resumed from step {state['step']}" +
@@ -193,6 +197,7 @@ class TrainingSession:
     def checkpoint(self, done: int, model, optimizer, scheduler, state: dict) -> None:
         """Checkpoint ``step-{done}``: every rank writes its part, then the main process completes it."""
         self.accelerator.wait_for_everyone()
+        state = {**state, "threads": torch.get_num_threads()}  # --resume continues with it (threads.resume_count)
         save_checkpoint(self.run_dir, done, model, optimizer, scheduler, state, rank=self.rank)
         self.accelerator.wait_for_everyone()
         if self.is_main:
