@@ -254,9 +254,10 @@ class TrainConfig(Section):
         1024, ge=1, description="token positions per chunk of the head + log-softmax (the vocabulary-wide logits are "
                                 "made one chunk at a time): lower uses less memory, higher is faster")
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="SFT: dtype of the decoder layers' matmuls (autocast; master weights, the head and the "
-                            "loss stay float32). auto: bfloat16 on CUDA with bf16 support, float32 on CPU; bfloat16 "
-                            "on a CPU with AVX512-BF16/AMX is faster, as TRL's bf16 default is")
+        "auto", description="SFT, DPO, reward models: dtype of the decoder layers' matmuls (autocast; master weights, "
+                            "the head and the loss stay float32; a LoRA base is then held in it). auto: bfloat16 on "
+                            "CUDA with bf16 support and on CPUs with native bf16 (AVX512-BF16/AMX), as GRPO's "
+                            "compute_dtype; else float32")
     eval_every: int = Field(0, ge=0, description="SFT: log the validation loss (data.val_size) every N steps and at "
                                                  "the end; 0: never")
     save_every: int = Field(0, ge=0, description="write a resumable checkpoint (checkpoints/step-N) every N steps; 0: "
@@ -412,6 +413,12 @@ class EvalConfig(BaseModel):
     seed: int = Field(
         0, description="sampling seed; each problem's generator is seeded from it and the problem's id, so "
                        "results do not depend on batching")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the decoder's matmuls while generating (transformers backend), the rule of "
+                            "GRPO's rollouts: auto is bfloat16 where the device computes it natively (a CUDA GPU "
+                            "with bf16, a CPU with AVX512-BF16 or AMX), else the weights' dtype; float32 for "
+                            "float32 answers. The head and the KV cache stay float32; metrics.json records the "
+                            "dtype used")
     last_number: bool = Field(
         False, description="when a completion has no answer in the prompt style's format, score its last number "
                            "instead (it still counts as a format failure). With a protocol and not given: on when "
@@ -457,7 +464,8 @@ class EvalConfig(BaseModel):
                 "last_number": self.last_number}
 
     def fingerprint(self) -> dict:
-        """What changes the completions or their scores (batch size and k do not): ``eval_config.json``."""
+        """What changes the completions or their scores (batch size and k do not): ``eval_config.json``. The
+        runner adds the compute dtype, resolved (``auto`` is not the same dtype everywhere)."""
         d = self.to_dict()
         for key in ("batch_size", "ks"):
             d.pop(key)

@@ -293,9 +293,13 @@ def _start_over(out_path: Path) -> None:
 def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *, sampling: dict,
                   max_new_tokens: int = 512, batch_size: int = 8, system: str | None = None, raw: bool = False,
                   enable_thinking: bool | None = None, seed: int = 0, overwrite: bool = False,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, compute_dtype: str = "auto") -> dict:
+    """Complete every row of ``input_path`` into ``output_path`` (resumable). ``compute_dtype``: the decoder's
+    matmul dtype by GRPO's rule (:func:`posttrain.models.resolve_compute_dtype`: ``auto`` is bf16 where the
+    device has it natively); the returned stats name the one used."""
     from tqdm.auto import tqdm
 
+    from posttrain.models import resolve_compute_dtype
     from posttrain.rollout import SamplingParams
     from posttrain.rollout.hf import HFRolloutEngine
 
@@ -310,7 +314,8 @@ def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *
         print(f"[posttrain] {output_path} has {done} of {len(rows)} lines; continuing after line {done}",
               file=sys.stderr)
     if done == len(rows):
-        return {"total": len(rows), "skipped": done, "generated": 0, "tokens": 0, "seconds": 0.0}
+        return {"total": len(rows), "skipped": done, "generated": 0, "tokens": 0, "seconds": 0.0,
+                "compute_dtype": None}
     if raw and any("prompt" not in r for r in rows):
         raise UserError("--raw sends \"prompt\" strings as they are; rows with \"messages\" need the chat template")
 
@@ -325,7 +330,9 @@ def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *
     params = SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"],
                             top_k=sampling["top_k"], min_p=sampling["min_p"], max_new_tokens=max_new_tokens,
                             stop_token_ids=stop_token_ids(model, tok), seed=seed, logprobs=False)
-    engine = HFRolloutEngine(model, tok)
+    dtype = resolve_compute_dtype(compute_dtype, model)
+    engine = HFRolloutEngine(model, tok, compute_dtype=dtype)
+    dtype_name = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=len(rows), initial=done, unit="prompt", desc="generate", disable=not progress, file=sys.stderr)
@@ -347,4 +354,4 @@ def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *
     bar.close()
     seconds = time.perf_counter() - t0
     return {"total": len(rows), "skipped": done, "generated": len(rows) - done, "tokens": tokens,
-            "seconds": round(seconds, 2)}
+            "seconds": round(seconds, 2), "compute_dtype": dtype_name}

@@ -342,7 +342,7 @@ def autocast_to(device_type: str, dtype):
 
 def resolve_compute_dtype(name: str, model, cpu_auto: bool = True):
     """The autocast dtype of the decoder layers, or None (run in the weights' dtype). ``auto``: bfloat16 on CUDA
-    with bf16 support, and on CPUs with native bf16 when ``cpu_auto`` (GRPO; SFT keeps float32 on CPU). See
+    with bf16 support, and on CPUs with native bf16 (AVX512-BF16/AMX) when ``cpu_auto``: every stage's rule. See
     :func:`compute_dtype_for`."""
     p = next(model.parameters())
     cuda_bf16 = p.device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -171,7 +171,7 @@ def train(cfg: SFTRecipe, resume: bool = False, allow_changes: list[str] | tuple
 
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    compute = resolve_compute_dtype(t.compute_dtype, model, cpu_auto=False)
+    compute = resolve_compute_dtype(t.compute_dtype, model)
     if run.is_main and compute is not None:
         print(f"[posttrain] compute: decoder layers in {str(compute).replace('torch.', '')}, head and loss in float32")
     loss_module, optimizer, scheduler = run.prepare(LossModule(model, t.loss_chunk_size, compute), optimizer, scheduler)
@@ -200,7 +200,8 @@ def train(cfg: SFTRecipe, resume: bool = False, allow_changes: list[str] | tuple
 
         t0 = time.perf_counter()
         loss_sum = 0.0
-        with fastpath.training(model, compute, cache=prepacked, copies=run.launch in ("single", "ddp")) as head:
+        with fastpath.training(model, compute, cache=prepacked, copies=run.launch in ("single", "ddp"),
+                               hold=True) as head:
             for j, batch in enumerate(batches):
                 with accumulation(run.accelerator, loss_module, j == len(batches) - 1), autocast:
                     loss = loss_module(*_inputs(batch, device), head) * (run.world / global_targets)

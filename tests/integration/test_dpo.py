@@ -39,7 +39,7 @@ def pair_rows(n: int = 24) -> list[dict]:
 def recipe(tiny, out, **over) -> DPORecipe:
     data = {"output_dir": str(out), "model": {"name": str(tiny)}, "lora": {"r": 8, "alpha": 16},
             "data": {"path": "rows", "max_length": 64},
-            "train": {"batch_size": 4, "max_steps": 6, "lr": 2e-3, "seed": 1},
+            "train": {"batch_size": 4, "max_steps": 6, "lr": 2e-3, "seed": 1, "compute_dtype": "float32"},
             "dpo": {"beta": 0.1}}
     for key, value in over.items():
         node, *path = key.split("__")

@@ -58,3 +58,42 @@ def test_training_head_gives_the_model_heads_log_probs_and_input_gradient():
         (g_got,) = torch.autograd.grad(got.sum(), hidden)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def _lora_loss_and_grads(model, hold: bool):
+    """One bf16 fast-path forward and backward of a LoRA model: (loss, LoRA gradients)."""
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    cache: dict = {}
+    for _ in range(2):  # the second call reuses the cache (held weights, packed copies)
+        model.zero_grad()
+        with fastpath.training(model, torch.bfloat16, cache=cache, hold=hold):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+            loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_holding_the_frozen_base_in_bf16_frees_its_float32_copy_with_the_same_results():
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        return get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+
+    plain, held = lora_model(), lora_model()
+    with torch.no_grad():  # the same weights in both, with a non-zero B so the adapter matters
+        for (name, a), (_, b) in zip(plain.named_parameters(), held.named_parameters()):
+            if "lora_B" in name:
+                a.normal_(0, 0.05)
+            b.copy_(a)
+    loss_plain, grads_plain = _lora_loss_and_grads(plain, hold=False)
+    loss_held, grads_held = _lora_loss_and_grads(held, hold=True)
+    assert torch.equal(loss_plain, loss_held)
+    for name, g in grads_plain.items():
+        assert torch.equal(g, grads_held[name]), name
+    dtypes = {n: p.dtype for n, p in held.named_parameters()}
+    frozen_linear = [n for n in dtypes if "base_layer.weight" in n or n.endswith("k_proj.weight")]
+    assert frozen_linear and all(dtypes[n] == torch.bfloat16 for n in frozen_linear)
+    kept = [n for n in dtypes if "lora_" in n or "embed" in n or "norm" in n]
+    assert kept and all(dtypes[n] == torch.float32 for n in kept)
+    assert all(p.dtype == torch.float32 for p in plain.parameters())  # without hold nothing stays changed

