@@ -74,7 +74,7 @@ def sft_args(model: Path, out: Path, batch_size: int) -> list[str]:
     return ["sft", "tiny/sft", f"model.name={model}", f"output_dir={out}", "lora.r=4", "lora.alpha=8",
             "data.template=chatml", "data.max_length=64", "data.val_size=0", "train.eval_every=0",
             "train.max_steps=2", "train.warmup_steps=0", f"train.batch_size={batch_size}", "train.lr=5e-3",
-            "train.optimizer=adamw"]
+            "train.optimizer=adamw", "train.compute_dtype=float32"]  # float32: sharded runs equal one process
 
 
 def grpo_args(model: Path, rewards: Path, recipe: Path, out: Path, batch_size: int, *extra: str) -> list[str]:

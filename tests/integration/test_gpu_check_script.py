@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
@@ -23,6 +25,7 @@ def run_script(*args: str, out: Path | None = None, timeout: int = 300) -> subpr
                           timeout=timeout, check=False)
 
 
+@pytest.mark.slow  # about a minute (three real checks on SmolLM2); CI's 30 minutes cannot hold it: -m slow runs it
 def test_dry_run_reports_pass_fail_and_skip_from_real_outputs(tmp_path):
     # sft_qlora: one step whose learning rate is 0 (warm-up of 1 step): the command succeeds, the adapter stays zero.
     # eval_hf: an option value the command refuses. fsdp2_sft and unsloth_sft: CUDA only.

@@ -35,7 +35,8 @@ def test_eval_vllm_equals_transformers_greedy_in_fp32(smollm2_dir, scaled_adapte
     assert "dtype float32 (--dtype auto, resolved as the transformers backend does)" in printed
     assert printed.count("vLLM on cpu") == 2  # one engine per base model: the adapter shared SmolLM2's
     assert len(_completions(tmp_path / "vllm", "tiny")) == 4
-    assert main(["eval", *smol, *budget, "--backend", "hf", "--dtype", "float32", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["eval", *smol, *budget, "--backend", "hf", "--dtype", "float32", "--compute-dtype", "float32",
+                 "--out", str(tmp_path / "hf")]) == 0
     for label in ("bare", "adapter"):
         got, want = _completions(tmp_path / "vllm", label), _completions(tmp_path / "hf", label)
         assert len(got) == 4 and got == want, label
