@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from trl_side import SEVEN, make_init_adapter, run_in_subprocess, train_timed
+from trl_side import SEVEN, best_of_rounds, make_init_adapter, run_in_subprocess, train_timed
 
 SEED = 3407
 BETA, LR, MAX_LEN = 0.1, 5e-5, 256
@@ -192,14 +192,8 @@ def main() -> None:
     if args.loss_check:
         loss_check(args, workdir)
         return
-    results = {}
-    for system in [s for _ in range(args.rounds) for s in args.systems.split(",")]:
-        res = run_system(system, args, workdir)
-        if res is None:
-            continue
-        old = results.get(system)
-        if old is None or res["tokens"] / res["seconds"] > old["tokens"] / old["seconds"]:
-            results[system] = res
+    results = best_of_rounds(args.systems.split(","), args.rounds,
+                             lambda system: run_system(system, args, workdir))
     print(f"\nBest of {args.rounds} run(s) each. SmolLM2-135M-Instruct, LoRA r16 all linear, {args.batch} pairs a "
           f"step, {args.steps} steps (first excluded), sigmoid beta {BETA}, lr {LR}, {os.cpu_count()} cores\n")
     print("| system | tokens/s | tokens/s incl. ref precompute | s/step | peak RSS (MB) | padding "

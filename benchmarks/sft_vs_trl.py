@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 from busy import busy_process
-from trl_side import SEVEN, make_init_adapter, run_in_subprocess, train_timed
+from trl_side import SEVEN, best_of_rounds, make_init_adapter, run_in_subprocess, train_timed
 
 SEED = 3407
 
@@ -251,17 +251,12 @@ def main() -> None:
     model, _ = load_model(ModelConfig(name="smollm2-135m-instruct"), None, for_training=False, verbose=False)
     n_params = sum(p.numel() for p in model.parameters())
     del model
-    results = {}
     with busy_process(args.busy):
-        for system in [s for _ in range(args.rounds) for s in args.systems.split(",")]:
-            res = run_system(system, args, workdir)
-            if res is None:
-                continue
-            old = results.get(system)
-            if old is None or res["tokens"] / res["seconds"] > old["tokens"] / old["seconds"]:
-                results[system] = res
+        results = best_of_rounds(args.systems.split(","), args.rounds,
+                                 lambda system: run_system(system, args, workdir))
     print(f"\n{'Beside one busy process (benchmarks/busy.py). ' if args.busy else ''}"
-          f"Best of {args.rounds} alternating runs each. SmolLM2-135M-Instruct ({n_params / 1e6:.1f} M params), LoRA r16 all linear, batch {args.batch}, fp32 CPU; "
+          f"Best of {args.rounds} alternating runs each. SmolLM2-135M-Instruct ({n_params / 1e6:.1f} M params), "
+          f"LoRA r16 all linear, batch {args.batch}, CPU; "
           f"matmul peak fp32 {peak:.0f} / bf16 {peak_bf16:.0f} GFLOP/s ({os.cpu_count()} cores)\n")
     print("| system | steps | tokens/s | peak RSS (MB) | held-out loss | last train loss | matmul dtype | MFU (that "
           "dtype's peak) |")

@@ -87,3 +87,16 @@ def run_in_subprocess(script: str, system: str, args: list[str]) -> dict | None:
     res["wall_s"] = time.perf_counter() - t0
     print(f"[bench] {system}: {res}", file=sys.stderr, flush=True)
     return res
+
+
+def best_of_rounds(systems: list[str], rounds: int, run) -> dict[str, dict]:
+    """Each system's fastest result (tokens/s) over ``rounds`` alternating runs of ``run(system)`` (None: failed)."""
+    results: dict[str, dict] = {}
+    for system in [s for _ in range(rounds) for s in systems]:
+        res = run(system)
+        if res is None:
+            continue
+        old = results.get(system)
+        if old is None or res["tokens"] / res["seconds"] > old["tokens"] / old["seconds"]:
+            results[system] = res
+    return results

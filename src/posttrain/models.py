@@ -340,14 +340,14 @@ def autocast_to(device_type: str, dtype):
     return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def resolve_compute_dtype(name: str, model, cpu_auto: bool = True):
+def resolve_compute_dtype(name: str, model):
     """The autocast dtype of the decoder layers, or None (run in the weights' dtype). ``auto``: bfloat16 on CUDA
-    with bf16 support, and on CPUs with native bf16 (AVX512-BF16/AMX) when ``cpu_auto``: every stage's rule. See
+    with bf16 support, and on CPUs with native bf16 (AVX512-BF16/AMX): every stage's rule. See
     :func:`compute_dtype_for`."""
     p = next(model.parameters())
     cuda_bf16 = p.device.type == "cuda" and torch.cuda.is_bf16_supported()
     return compute_dtype_for(name, p.dtype, bool(getattr(model, "is_loaded_in_4bit", False)), p.device.type,
-                             bf16_ok=cuda_bf16 if p.device.type == "cuda" else cpu_auto and cpu_has_native_bf16())
+                             bf16_ok=cuda_bf16 if p.device.type == "cuda" else cpu_has_native_bf16())
 
 
 def compute_dtype_for(name: str, weights: torch.dtype, four_bit: bool, device_type: str, bf16_ok: bool):
