@@ -218,8 +218,9 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    batch_size: int = Field(2, ge=1, description="examples per micro-batch on one process (GRPO: completions, whole "
-                                                 "groups of grpo.num_generations)")
+    batch_size: int = Field(4, ge=1, description="examples per micro-batch on one process (GRPO: completions, whole "
+                                                 "groups of grpo.num_generations); fewer use less memory, more are "
+                                                 "faster")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step; one step sees batch_size x "
                                                  "grad_accum x processes examples (GRPO: completions)")
     max_steps: int = Field(-1, description="optimizer steps to train (GRPO: batches of rollouts); -1: as many as "

@@ -53,6 +53,23 @@ def test_end_to_end_outputs_are_consistent(tiny, tmp_path):
     assert "difficulty" in saved["by"]
 
 
+def test_sampled_completions_do_not_depend_on_batching(tiny, tmp_path):
+    """A sampled completion is keyed by its problem and sample index, not by its place in a batch: the batch
+    size, and which problems share a batch, leave every completion the same; another seed changes them."""
+    from posttrain.evaluation import EvalConfig, evaluate, load_benchmark
+
+    model, tok = tiny
+    bench = load_benchmark("synthetic", limit=4)
+    texts = {}
+    for name, batch, seed in (("b2", 2, 0), ("b8", 8, 0), ("seed1", 8, 1)):
+        evaluate(model, tok, bench, EvalConfig(max_new_tokens=6, batch_size=batch, samples=2, temperature=1.0,
+                                               seed=seed), out_dir=tmp_path / name, progress=False)
+        texts[name] = {(r["id"], r["sample"]): r["completion"] for r in _rows(tmp_path / name / "samples.jsonl")}
+    assert len(texts["b2"]) == 8 and texts["b2"] == texts["b8"]
+    assert texts["seed1"] != texts["b8"]
+    assert len(set(texts["b8"].values())) > 1   # the samples of a problem differ from each other
+
+
 def test_interrupted_run_resumes_without_redoing_samples(tiny, tmp_path, monkeypatch):
     import posttrain.evaluation.runner as runner
     from posttrain.evaluation import EvalConfig, evaluate, load_benchmark

@@ -62,7 +62,7 @@ def test_the_walk_finds_a_missing_description():
 def test_reference_lists_every_key_with_the_defaults_a_recipe_gets():
     grpo = {k.path: k for k in config_docs.keys(GRPORecipe)}
     sft = {k.path: k for k in config_docs.keys(SFTRecipe)}
-    assert grpo["train.batch_size"].default == "8" and sft["train.batch_size"].default == "2"  # GRPO's own
+    assert grpo["train.batch_size"].default == "8" and sft["train.batch_size"].default == "4"  # GRPO's own
     assert grpo["grpo.vllm.mode"].type == "{colocate, server}" and grpo["grpo.vllm.mode"].default == "colocate"
     assert sft["lora.target_modules"].default.startswith("[q_proj, k_proj")
     assert sft["model.name"].default == "required" and sft["train.max_grad_norm"].type == "float or null"

@@ -45,3 +45,17 @@ def test_no_pair_is_an_error_naming_the_file(tmp_path):
     path = write(tmp_path / "samples.jsonl", [row("a", "x", True), row("a", "y", True)])
     with pytest.raises(UserError, match="samples.jsonl: no problem has both a right and a wrong sample"):
         pairs_from_samples(path, {"a": "?"})
+
+
+def test_one_right_answer_pairs_with_every_wrong_one(tmp_path):
+    """A peaked model often has one right text and several wrong ones: each wrong one gets a pair (up to
+    pairs_per_problem), all with that right answer; one pair per problem keeps the first pair."""
+    path = write(tmp_path / "samples.jsonl", [row("a", "right", True)] + [row("a", f"wrong {k}", False)
+                                                                          for k in range(3)])
+    pairs = pairs_from_samples(path, {"a": "?"}, pairs_per_problem=4)
+    assert [p["chosen"][0]["content"] for p in pairs] == ["right"] * 3
+    assert sorted(p["rejected"][0]["content"] for p in pairs) == ["wrong 0", "wrong 1", "wrong 2"]
+    two = pairs_from_samples(path, {"a": "?"}, pairs_per_problem=2)
+    assert len(two) == 2 and two == pairs[:2]
+    one = pairs_from_samples(path, {"a": "?"}, pairs_per_problem=1)
+    assert one == pairs[:1]

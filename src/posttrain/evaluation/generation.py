@@ -27,8 +27,10 @@ class Completion:
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, stop: list[str] | tuple[str, ...] = (),
-             seed: int | None = None, compute_dtype=None) -> list[Completion]:
+             seed: int | None = None, seeds: list[int] | None = None, compute_dtype=None) -> list[Completion]:
     """Complete each prompt (already rendered text, special tokens included) once. ``temperature=0`` is greedy.
+    ``seeds``: one per prompt, keying its random stream with ``seed`` (default: the prompt's index, so a
+    completion then depends on its place in the batch; give stable per-sample seeds to make it batch-invariant).
     ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the decoder layers under autocast; ``None``: the model's dtype.
     """
     if not prompts:
@@ -39,7 +41,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 512,
                               max_new_tokens=max_new_tokens, stop_token_ids=eos, stop_strings=tuple(stop),
                               seed=seed or 0, logprobs=False)
     engine = HFRolloutEngine(model, tokenizer, compute_dtype=compute_dtype)
-    ro = engine.generate(ids, 1, sampling, seeds=list(range(len(ids))))
+    ro = engine.generate(ids, 1, sampling, seeds=list(seeds) if seeds is not None else list(range(len(ids))))
     results = []
     for r, reason in enumerate(ro.finish_reasons):
         body = ro.completion_ids[r, :int(ro.lengths[r])].tolist()

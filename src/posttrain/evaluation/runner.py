@@ -43,8 +43,10 @@ from posttrain.verify import VerifierPool, extract_with_rule
 SAMPLES, METRICS, CONFIG = "samples.jsonl", "metrics.json", "eval_config.json"
 
 
-def _problem_seed(seed: int, pid: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}|{pid}".encode()).digest()[:4], "big")
+def _sample_key(sample: int, pid: str) -> int:
+    """The random stream key of sample ``sample`` of problem ``pid`` (mixed with ``settings.seed`` by the
+    generator): the same completion whatever else shares its batch, and whatever the batch size."""
+    return int.from_bytes(hashlib.sha256(f"{pid}|{sample}".encode()).digest()[:4], "big")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +208,8 @@ def evaluate(model, tokenizer, benchmark: Benchmark, settings: EvalConfig | None
                 completions += generate_fn(
                     model, tokenizer, [prompts[p.id] for p, _ in chunk], max_new_tokens=settings.max_new_tokens,
                     temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, stop=stops,
-                    seed=_problem_seed(settings.seed, chunk[0][0].id) if settings.temperature > 0 else None)
+                    seed=settings.seed if settings.temperature > 0 else None,
+                    seeds=[_sample_key(s, p.id) for p, s in chunk])
             rows = _score(pool, style, settings, [(p, s, prompts[p.id], c) for (p, s), c in zip(seqs, completions)])
             new_tokens += sum(r["completion_tokens"] for r in rows)
             for r in rows:

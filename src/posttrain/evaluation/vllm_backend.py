@@ -24,7 +24,7 @@ from pathlib import Path
 from posttrain.errors import UserError
 from posttrain.evaluation.generation import Completion
 from posttrain.models import resolve_dtype
-from posttrain.rollout import SamplingParams, stop_token_ids
+from posttrain.rollout import SamplingParams, completion_seed, stop_token_ids
 from posttrain.rollout.vllm import sampling_kwargs
 from posttrain.rollout.vllm_engine import (platform_kwargs, require_vllm, shutdown_engine, vllm_lora_rank,
                                            vllm_platform)
@@ -93,11 +93,14 @@ class VLLMEvalGenerator:
         return self
 
     def generate(self, model, tokenizer, prompts: list[str], *, max_new_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, stop=(), seed: int | None = None) -> list[Completion]:
+                 top_p: float = 1.0, top_k: int = 0, stop=(), seed: int | None = None,
+                 seeds: list[int] | None = None) -> list[Completion]:
         sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k if temperature > 0 else 0,
                             max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(None, tokenizer),
                             stop_strings=tuple(stop), logprobs=False, seed=seed or 0)
-        params = [self.vllm.SamplingParams(**sampling_kwargs(sp, seed=None if seed is None else seed + i))
+        keys = list(seeds) if seeds is not None else list(range(len(prompts)))  # as generation.generate
+        params = [self.vllm.SamplingParams(**sampling_kwargs(
+                      sp, seed=None if seed is None else completion_seed(seed, keys[i], 0) & 0x7FFFFFFF))
                   for i in range(len(prompts))]
         ids = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
         outs = self.llm.generate(ids, sampling_params=params, lora_request=self.lora, use_tqdm=False)

@@ -22,8 +22,9 @@ from posttrain.errors import UserError
 def sampled_pairs(model: str, out_dir: str, adapter: str | None = None, n: int = 128, samples: int = 4,
                   temperature: float = 1.0, max_new_tokens: int = 96, difficulty: str | int = "easy",
                   seed: int = 0, pairs_per_problem: int = 1, prompt: str = "reasoning",
-                  batch_size: int = 32) -> list[dict]:
-    """Rows ``{prompt, chosen, rejected, answer}`` in messages form (the problem as the user turn; render them with
+                  batch_size: int = 32, split: str = "train") -> list[dict]:
+    """Rows ``{prompt, chosen, rejected, answer}`` in messages form, from the synthetic problems of ``split``
+    ('train'; 'test' gives held-out pairs for ``posttrain eval-rm``) (the problem as the user turn; render them with
     the template the model was trained with, e.g. ``data.template: reasoning``)."""
     from posttrain import runs
     from posttrain.data.synthetic import problems
@@ -32,9 +33,10 @@ def sampled_pairs(model: str, out_dir: str, adapter: str | None = None, n: int =
 
     if samples < 2:
         raise UserError(f"sampled_pairs: samples={samples}; a pair needs at least 2 samples per problem")
-    rows = problems("train", n=n, difficulty=difficulty, seed=seed)
-    bench = Benchmark("synthetic-train", [Problem(f"train-{i}", r["problem"], str(r["answer"]))
-                                          for i, r in enumerate(rows)], f"posttrain.data.synthetic train ({difficulty})")
+    rows = problems(split, n=n, difficulty=difficulty, seed=seed)
+    bench = Benchmark(f"synthetic-{split}", [Problem(f"{split}-{i}", r["problem"], str(r["answer"]))
+                                             for i, r in enumerate(rows)],
+                      f"posttrain.data.synthetic {split} ({difficulty})")
     settings = EvalConfig(prompt=prompt, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed)
     out = Path(out_dir)
@@ -49,7 +51,9 @@ def sampled_pairs(model: str, out_dir: str, adapter: str | None = None, n: int =
 def pairs_from_samples(path: Path, problem_text: dict[str, str], *, pairs_per_problem: int = 1,
                        seed: int = 0) -> list[dict]:
     """Pair right and wrong completions of each problem in an evaluation's ``samples.jsonl`` (distinct texts;
-    a completion cut at the token budget is never chosen)."""
+    a completion cut at the token budget is never chosen): up to ``pairs_per_problem`` pairs, each distinct
+    completion of the larger side in one pair (a model that has one right answer and three wrong ones gives
+    three pairs, all with that right answer)."""
     from posttrain.data.loading import read_jsonl
 
     by_problem: dict[str, list[dict]] = defaultdict(list)
@@ -62,7 +66,11 @@ def pairs_from_samples(path: Path, problem_text: dict[str, str], *, pairs_per_pr
         wrong = sorted({r["completion"] for r in rows if not r["verdict"]})
         rng.shuffle(right)
         rng.shuffle(wrong)
-        for chosen, rejected in list(zip(right, wrong))[:pairs_per_problem]:
+        if not right or not wrong:
+            continue
+        # every distinct completion of the larger side once, its partner cycling through the smaller side
+        combos = [(right[i % len(right)], wrong[i % len(wrong)]) for i in range(max(len(right), len(wrong)))]
+        for chosen, rejected in combos[:pairs_per_problem]:
             out.append({"prompt": [{"role": "user", "content": problem_text[pid]}],
                         "chosen": [{"role": "assistant", "content": chosen}],
                         "rejected": [{"role": "assistant", "content": rejected}], "answer": rows[0]["gold"],
