@@ -35,6 +35,9 @@ def test_eval_vllm_equals_transformers_greedy_in_fp32(smollm2_dir, scaled_adapte
     assert "dtype float32 (--dtype auto, resolved as the transformers backend does)" in printed
     assert printed.count("vLLM on cpu") == 2  # one engine per base model: the adapter shared SmolLM2's
     assert len(_completions(tmp_path / "vllm", "tiny")) == 4
+    for label in ("bare", "adapter", "tiny"):   # metrics.json names the dtype vLLM computed in
+        saved = json.loads((tmp_path / "vllm" / label / "synthetic" / "metrics.json").read_text())
+        assert saved["compute_dtype"] == "float32", label
     assert main(["eval", *smol, *budget, "--backend", "hf", "--dtype", "float32", "--compute-dtype", "float32",
                  "--out", str(tmp_path / "hf")]) == 0
     for label in ("bare", "adapter"):

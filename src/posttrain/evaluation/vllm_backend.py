@@ -69,6 +69,7 @@ class VLLMEvalGenerator:
         print(f"[posttrain] {line}; dtype {dtype_name}" + (" (--dtype auto, resolved as the transformers backend "
                                                            "does)" if dtype == "auto" else ""), flush=True)
         self.vllm = vllm
+        self.dtype_name = dtype_name  # what metrics.json records as the evaluation's compute dtype
         self.llm = vllm.LLM(**kw)
         self.lora = None
 
