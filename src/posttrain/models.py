@@ -415,6 +415,26 @@ def trainable_summary(model) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
 
 
+def with_cache(decoder, cache) -> dict:
+    """Keyword arguments that give ``decoder``'s forward a key/value cache to extend (``DynamicCache``) and ask
+    for it back: ``cache=`` where transformers names it so (5.2x on: ``past_key_values`` is deprecated there and
+    goes in 5.40, when it would no longer reach the attention), ``past_key_values=`` in earlier releases."""
+    return {_cache_keyword(type(decoder)): cache, "use_cache": True}
+
+
+@functools.cache
+def _cache_keyword(cls) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The key/value cache a forward returned (:func:`with_cache`): ``out.cache``, or ``out.past_key_values``
+    before transformers renamed it."""
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
+
+
 def decoder_and_head(model):
     """(decoder, lm_head) of a causal LM, through a PEFT wrapper if there is one; (decoder, score) of a sequence
     classifier (a reward model). The decoder returns the final (normed) hidden states, so a loss can apply the

@@ -161,6 +161,32 @@ def test_reference_kl_iterations_and_what_users_watch(tiny_qwen3, tmp_path):
     assert any(("lora_B" in k) and v.abs().sum() > 0 for k, v in a.items())
 
 
+def test_reward_functions_own_metrics_reach_the_step_metrics(tiny_qwen3, tmp_path):
+    """A reward's metrics() (what happened since its last call) are logged with each step as
+    rewards/<name>/<key>: counts added up over the step's scoring, a running_* state as its latest value; every
+    reward's failure count is logged too."""
+
+    class Counting:
+        __name__ = "counting"
+
+        def __init__(self):
+            self.seen, self.calls = 0, 0
+
+        def __call__(self, prompts, completions, completion_ids, **columns):
+            self.seen, self.calls = self.seen + len(completions), self.calls + 1
+            return low_ids(prompts, completions, completion_ids)
+
+        def metrics(self):
+            out, self.seen = {"samples": self.seen, "running_calls": self.calls}, 0
+            return out
+
+    train(recipe(tiny_qwen3, tmp_path / "run", "train.max_steps=2"), reward_funcs=[Counting()])
+    m = metrics(tmp_path / "run")
+    assert [x["rewards/counting/samples"] for x in m] == [8, 8]       # 2 prompts x 4 completions a step
+    assert [x["rewards/counting/running_calls"] for x in m] == [1, 2]
+    assert [x["rewards/counting/failures"] for x in m] == [0, 0]
+
+
 def test_dynamic_sampling_drops_agreeing_groups_and_refills(tiny_qwen3, tmp_path):
     seen = []
 

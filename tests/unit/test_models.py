@@ -217,3 +217,26 @@ def test_load_model_refuses_qlora_under_fsdp_ram_efficient_loading(tiny_qwen3, m
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     with pytest.raises(UserError, match="model.load_in_4bit=true .QLoRA. under FSDP"):
         load_model(ModelConfig(name=str(tiny_qwen3), load_in_4bit=True), LoraConfig(), verbose=False)
+
+
+def test_a_cache_passed_by_with_cache_reaches_the_attention(tiny_qwen3):
+    """The prefix's key/value cache, passed under the name this transformers uses (``cache`` since 5.2x,
+    ``past_key_values`` before), makes the tail's hidden states those of the whole sequence: a cache that did
+    not reach the attention would leave the tail without its prefix."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from posttrain.models import decoder_and_head, returned_cache, with_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3).eval()
+    decoder, _ = decoder_and_head(model)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = decoder(input_ids=ids).last_hidden_state
+        out = decoder(input_ids=ids[:, :6], **with_cache(decoder, DynamicCache(config=model.config)))
+        cache = returned_cache(out)
+        assert cache.get_seq_length() == 6
+        tail = decoder(input_ids=ids[:, 6:], position_ids=torch.arange(6, 9).expand(2, 3),
+                       **with_cache(decoder, cache)).last_hidden_state
+        alone = decoder(input_ids=ids[:, 6:]).last_hidden_state
+    assert torch.allclose(tail, whole[:, 6:], atol=1e-5)
+    assert not torch.allclose(alone, whole[:, 6:], atol=1e-2)

@@ -39,16 +39,18 @@ def build_rewards(cfg: GRPORecipe, tok, reward_funcs=None) -> RewardSet:
 
 
 def score_groups(ro, prompts: list[Prompt], rewards: RewardSet, tok, step: int,
-                 mask_truncated_completions: bool = False) -> list[Group]:
-    """Rewards for one batch of rollouts (``ro``: G completions of each prompt, in order) -> one group each."""
+                 mask_truncated_completions: bool = False) -> tuple[list[Group], dict[str, float]]:
+    """Rewards for one batch of rollouts (``ro``: G completions of each prompt, in order) -> one group each, and
+    the reward functions' own metrics of this call (``rewards/<name>/failures``, a verifier's timeouts, a reward
+    model's seconds; TRL's reward statistics are computed from the groups instead)."""
     G, n = ro.num_generations, len(ro)
     columns = {k: [prompts[i // G].columns.get(k) for i in range(n)] for k in prompts[0].columns}
     lengths = ro.lengths.tolist()
     ids = [ro.completion_ids[i, :lengths[i]].tolist() for i in range(n)]
     try:
-        total, per_reward, _ = rewards([prompts[i // G].messages for i in range(n)],
-                                       [[{"role": "assistant", "content": text}] for text in ro.texts],
-                                       completion_ids=ids, **columns)
+        total, per_reward, metrics = rewards([prompts[i // G].messages for i in range(n)],
+                                             [[{"role": "assistant", "content": text}] for text in ro.texts],
+                                             completion_ids=ids, **columns)
     except RewardContractError as exc:
         raise UserError(f"step {step + 1}: {exc}") from None
     truncated = ro.truncated.tolist()
@@ -65,7 +67,17 @@ def score_groups(ro, prompts: list[Prompt], rewards: RewardSet, tok, step: int,
                           per_reward={k: per_reward[k][i] for k in per_reward})
                    for i in range(gi * G, (gi + 1) * G)]
         groups.append(Group(samples=samples, prompt_text=tok.decode(prompt.ids[-200:]), zero_std=zero[gi]))
-    return groups
+    own = {k: float(v) for k, v in metrics.items() if k.startswith("rewards/") and k.rsplit("/", 1)[-1] not in
+           ("mean", "std")}
+    return groups, own
+
+
+def _add_reward_metrics(into: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """Reward functions' metrics of two calls (rounds, or processes) together: counts and seconds add up; a
+    ``running_*`` value is a state, and the newer one is kept."""
+    for k, v in new.items():
+        into[k] = v if k.rsplit("/", 1)[-1].startswith("running_") else into.get(k, 0.0) + v
+    return into
 
 
 def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], rewards: RewardSet, tok, sampling,
@@ -78,6 +90,7 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
     groups: list[Group] = []
     first: list[Group] | None = None
     counts = {"rollout_time": 0.0, "reward_time": 0.0, "gen_tokens": 0, "seen_tokens": 0, "dropped": 0}
+    reward_fn_metrics: dict[str, float] = {}
     rounds = 0
     while True:
         draws = stream.draw(per_proc * world)[rank * per_proc:(rank + 1) * per_proc]
@@ -90,7 +103,9 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
         ro = engine.generate([p.ids for p in batch], grpo.num_generations, sampling, seeds=[k for _, k in draws])
         counts["rollout_time"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        new = score_groups(ro, batch, rewards, tok, step, grpo.mask_truncated_completions) if need > 0 else []
+        new, own = (score_groups(ro, batch, rewards, tok, step, grpo.mask_truncated_completions) if need > 0
+                    else ([], {}))
+        _add_reward_metrics(reward_fn_metrics, own)
         counts["reward_time"] += time.perf_counter() - t0
         counts["gen_tokens"] += ro.stats["tokens"]
         counts["seen_tokens"] += ro.stats["tokens"] + sum(len(p.ids) for p in batch) * grpo.num_generations
@@ -105,7 +120,8 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
         rounds += 1
         short = max(gather_all([per_proc - len(groups)], world))
         if not grpo.dynamic_sampling or short <= 0 or rounds > grpo.dynamic_sampling_rounds:
-            return StepRollouts(groups=groups, first=first, rounds=rounds, **counts)
+            return StepRollouts(groups=groups, first=first, rounds=rounds, reward_fn_metrics=reward_fn_metrics,
+                                **counts)
 
 
 def log_completions(run_dir: Path, step: int, groups: list[Group], names: list[str], n_print: int) -> None:

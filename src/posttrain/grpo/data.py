@@ -8,7 +8,7 @@ of one prompt) -> ``StepRollouts`` (the step's groups) -> advantages set once (:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -85,6 +85,7 @@ class StepRollouts:
     seen_tokens: int = 0
     rounds: int = 0
     dropped: int = 0
+    reward_fn_metrics: dict = field(default_factory=dict)  # the reward functions' own, over every round
 
     def samples(self) -> list[Sample]:
         return [s for g in self.groups for s in g.samples]

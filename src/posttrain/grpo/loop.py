@@ -61,7 +61,8 @@ from posttrain.grpo.config import GRPORecipe, check_group_batch
 from posttrain.grpo.data import PromptStream, StepRollouts, prepare_prompts
 from posttrain.grpo.losses import Objective, clip_fractions, group_advantages, micro_batch_loss, zero_std_groups
 from posttrain.losses import Head, module_head, selective_log_softmax
-from posttrain.models import autocast_to, decoder_and_head, load_model, resolve_compute_dtype
+from posttrain.models import (autocast_to, decoder_and_head, load_model, resolve_compute_dtype, returned_cache,
+                             with_cache)
 from posttrain.optim import build_optimizer, build_scheduler
 from posttrain.rewards.registry import reward_metrics
 from posttrain.rollout import SamplingParams
@@ -103,8 +104,8 @@ class PolicyLogps(torch.nn.Module):
         if not b.shared_prompts:
             return decoder(input_ids=b.ids, attention_mask=b.attn, use_cache=False).last_hidden_state[b.rows, b.cols]
         out = decoder(input_ids=b.prompt_ids, attention_mask=b.prompt_attn, position_ids=b.prompt_pos,
-                      past_key_values=DynamicCache(config=self.model.config), use_cache=True)
-        cache = out.past_key_values
+                      **with_cache(decoder, DynamicCache(config=self.model.config)))
+        cache = returned_cache(out)
         # index_select, not advanced indexing (DynamicCache.batch_select_indices): the backward of x[idx] with
         # repeated indices adds the G completions' gradients into their shared prompt with atomic float adds from
         # several CPU threads, in an order that changes from run to run (and with machine load), so two runs of
@@ -114,7 +115,7 @@ class PolicyLogps(torch.nn.Module):
             layer.values = layer.values.index_select(0, b.prompt_of)
         last = out.last_hidden_state[:, -1].index_select(0, b.prompt_of)  # predicts each completion's first token
         comp = decoder(input_ids=b.completion_ids, attention_mask=b.attn, position_ids=b.completion_pos,
-                       past_key_values=cache, use_cache=True).last_hidden_state
+                       **with_cache(decoder, cache)).last_hidden_state
         return torch.cat([last.unsqueeze(1), comp], dim=1)[b.rows, b.cols]
 
 
@@ -367,6 +368,11 @@ def step_reward_metrics(rollouts: StepRollouts, world: int, frac_zero: float) ->
     names = list(samples[0][1]) if samples else []
     out = reward_metrics([r for r, *_ in samples], {nm: [p[nm] for _, p, *_ in samples] for nm in names})
     out["frac_reward_zero_std"] = frac_zero
+    parts = gather_all([rollouts.reward_fn_metrics], world)   # every process's, over every round
+    for part in parts:   # counts and seconds add up; a state (running_*) is the mean over processes
+        for k, v in part.items():
+            state = k.rsplit("/", 1)[-1].startswith("running_")
+            out[k] = out.get(k, 0.0) + (v / len(parts) if state else v)
     lengths = [n for *_, n, _ in samples]
     term = [n for *_, n, tr in samples if not tr]
     out.update({"completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": min(lengths),

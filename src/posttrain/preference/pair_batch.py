@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from transformers import DynamicCache
 
-from posttrain.models import autocast_to, decoder_and_head
+from posttrain.models import autocast_to, decoder_and_head, returned_cache, with_cache
 from posttrain.preference.data import PreferencePair
 
 
@@ -131,13 +131,13 @@ def pair_hidden(model, batch: PairBatch, compute_dtype: torch.dtype | None) -> t
             width = hidden.shape[-1]
             return torch.cat([hidden[:B, :Lp].reshape(-1, width), hidden[:, Lp:].reshape(-1, width)])
         pre = decoder(input_ids=batch.prefix_ids, attention_mask=batch.prefix_attn, position_ids=batch.prefix_pos,
-                      past_key_values=DynamicCache(config=model.config), use_cache=True)
-        cache = pre.past_key_values
+                      **with_cache(decoder, DynamicCache(config=model.config)))
+        cache = returned_cache(pre)
         for layer in cache.layers:
             layer.keys = layer.keys.index_select(0, batch.prefix_of)
             layer.values = layer.values.index_select(0, batch.prefix_of)
         tail = decoder(input_ids=batch.tail_ids, attention_mask=batch.attn, position_ids=batch.tail_pos,
-                       past_key_values=cache, use_cache=True).last_hidden_state
+                       **with_cache(decoder, cache)).last_hidden_state
     width = pre.last_hidden_state.shape[-1]
     return torch.cat([pre.last_hidden_state.reshape(-1, width), tail.reshape(-1, width)])
 

@@ -248,8 +248,8 @@ class RewardModelReward:
         return scores
 
     def metrics(self) -> dict[str, float]:
-        """Seconds spent scoring so far, and the running statistics when normalizing."""
-        out = {"seconds": self.seconds}
+        """Seconds spent scoring since the last call, and the running statistics when normalizing."""
+        out, self.seconds = {"seconds": self.seconds}, 0.0
         if self.normalize:
             out.update({"running_mean": self.stats.mean, "running_std": self.stats.std})
         return out

@@ -111,11 +111,14 @@ def _gold_answer(g) -> str:
 
 
 class RewardFunction:
-    """Base class: a callable with ``__name__`` and optional running ``metrics()``."""
+    """Base class: a callable with ``__name__`` and optional ``metrics()``."""
 
     __name__ = "reward"
 
     def metrics(self) -> dict:
+        """What happened since the last call, logged as ``rewards/<name>/<key>`` with each GRPO step: counts and
+        seconds (added up over a step's rounds and processes); a key named ``running_*`` is a state instead
+        (the latest value, averaged over processes)."""
         return {}
 
 

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from posttrain import fastpath
-from posttrain.models import autocast_to, decoder_and_head
+from posttrain.models import autocast_to, decoder_and_head, returned_cache, with_cache
 from posttrain.rollout import Rollouts, SamplingParams, checked_request, completion_seed, stop_token_ids
 
 
@@ -259,8 +259,8 @@ class _HFRunner:
         decoder, _ = decoder_and_head(self.engine.model)
         with autocast_to(input_ids.device.type, self.engine.compute_dtype):
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                          **with_cache(decoder, self.cache))
+        self.cache = returned_cache(out)
         return self.head(out.last_hidden_state[:, -1])
 
     def prefill(self, input_ids, attn, positions, max_len: int, shared: int = 0) -> torch.Tensor:
