@@ -143,6 +143,7 @@ def test_lora_dpo_widens_the_margin_against_the_adapter_disabled_reference(tiny_
     tok, pairs = tok_pairs
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
     base_logps = plain_logps(base, pairs[:8])
+    base_more = plain_logps(base, pairs[8:10])   # before the adapter goes onto these modules
     peft = PeftModel.from_pretrained(base, str(run / "adapter"))
     policy = SequenceLogps(peft, chunk_size=1024)
     batch = PairBatch.build(pairs[:8], tok.pad_token_id)
@@ -151,6 +152,19 @@ def test_lora_dpo_widens_the_margin_against_the_adapter_disabled_reference(tiny_
     with torch.no_grad():
         trained = torch.stack(policy(batch).chunk(2), 1)
     torch.testing.assert_close(trained, plain_logps(peft, pairs[:8]), atol=2e-4, rtol=1e-5)
+    # a step's reference in one forward (prefetch), read back per micro-batch; pairs outside it still computed
+    ref = Reference("adapter_off")
+    ref.prefetch(policy, None, pairs, list(range(8)), "train", tok.pad_token_id, "cpu")
+    half = PairBatch.build(pairs[4:8], tok.pad_token_id)
+    torch.testing.assert_close(torch.stack(ref(policy, half, None, "train", [4, 5, 6, 7]), 1), base_logps[4:],
+                               atol=2e-4, rtol=1e-5)
+    other = PairBatch.build(pairs[8:10], tok.pad_token_id)
+    torch.testing.assert_close(torch.stack(ref(policy, other, None, "train", [8, 9]), 1), base_more,
+                               atol=2e-4, rtol=1e-5)
+    with torch.no_grad():   # the adapter is on again after the prefetch
+        torch.testing.assert_close(torch.stack(policy(batch).chunk(2), 1), trained)
+    ref.clear()
+    assert ref.step is None
     margin = lambda t: (t[:, 0] - t[:, 1]).mean()
     assert margin(trained) > margin(base_logps) + 1.0  # chosen rose against rejected
 
