@@ -121,6 +121,11 @@ def completion_seed(sampling_seed: int, prompt_seed: int, index: int) -> int:
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>")
 
 
+def rollout_pad_id(tokenizer) -> int:
+    """The id every rollout engine pads completions with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
     """Every token id generation stops on; the one rule for GRPO rollouts, evaluation, chat, ``generate`` and the
     exported generation config.
@@ -152,4 +157,5 @@ def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
-__all__ = ["END_OF_TURN", "RolloutEngine", "Rollouts", "SamplingParams", "completion_seed", "stop_token_ids"]
+__all__ = ["END_OF_TURN", "RolloutEngine", "Rollouts", "SamplingParams", "completion_seed", "rollout_pad_id",
+           "stop_token_ids"]

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
-from posttrain.rollout import Rollouts, SamplingParams, checked_request, completion_seed, stop_token_ids
+from posttrain.rollout import (Rollouts, SamplingParams, checked_request, completion_seed, rollout_pad_id,
+                               stop_token_ids)
 
 
 class GenerateRolloutEngine:
@@ -45,7 +46,7 @@ class GenerateRolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_rows = max_rows
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = rollout_pad_id(tokenizer)
 
     def default_stop_ids(self) -> tuple[int, ...]:
         return stop_token_ids(self.model, self.tokenizer)

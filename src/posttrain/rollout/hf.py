@@ -32,7 +32,8 @@ import torch
 
 from posttrain import fastpath
 from posttrain.models import autocast_to, decoder_and_head, returned_cache, with_cache
-from posttrain.rollout import Rollouts, SamplingParams, checked_request, completion_seed, stop_token_ids
+from posttrain.rollout import (Rollouts, SamplingParams, checked_request, completion_seed, rollout_pad_id,
+                               stop_token_ids)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class HFRolloutEngine:
         self.merge = merge
         self.max_rows = max_rows
         self.compute_dtype = compute_dtype  # e.g. bfloat16: decoder layers in bf16, the head in its own dtype
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = rollout_pad_id(tokenizer)
         self.lean = lean  # the lean decoder forward where it applies (CPU, Llama-family; see rollout.lean)
         self.prepacked_cache: dict = {}  # frozen weights packed for oneDNN, kept across rollouts (and steps)
 

@@ -52,7 +52,8 @@ from posttrain.distributed import full_params, full_trainable_state, gather_all,
 from posttrain.errors import UserError
 from posttrain.fileops import remove_tree
 from posttrain.models import resolve_source
-from posttrain.rollout import Rollouts, SamplingParams, checked_request, completion_seed, stop_token_ids
+from posttrain.rollout import (Rollouts, SamplingParams, checked_request, completion_seed, rollout_pad_id,
+                               stop_token_ids)
 from posttrain.rollout.vllm_engine import (INSTALL_HINT, gather_tp_prompts, platform_kwargs, push_weights,
                                            require_vllm, set_launcher_env, shutdown_engine, tp_group, tp_rows,
                                            vllm_platform)
@@ -203,7 +204,7 @@ class VLLMRolloutEngine:
         self.publish = publish    # server mode: callable() -> served adapter name after saving the adapter
         self.tp_group, self.tp_size, self.tp_rank = tp  # the ranks that share this engine
         self.spill_dir = spill_dir  # where weights go when the engine runs in another process
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = rollout_pad_id(tokenizer)
         self.stale = True         # the engine does not hold the policy's current weights
         self.served = None
         self.pushes = 0
