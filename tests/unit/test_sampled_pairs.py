@@ -59,3 +59,21 @@ def test_one_right_answer_pairs_with_every_wrong_one(tmp_path):
     assert len(two) == 2 and two == pairs[:2]
     one = pairs_from_samples(path, {"a": "?"}, pairs_per_problem=1)
     assert one == pairs[:1]
+
+
+def test_a_kept_sampling_of_other_problems_is_not_paired(tmp_path):
+    """out_dir keeps a finished sampling for the next stage; asked for another split or count, sampled_pairs
+    says so (before loading any model) instead of pairing the wrong samples."""
+    from posttrain.preference.sampled import sampled_pairs
+
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "benchmark": "synthetic-train", "n": 4, "settings": {"n_samples": 2, "temperature": 1.0,
+                                                             "max_new_tokens": 8, "seed": 0}}))
+    write(tmp_path / "samples.jsonl", [row("train-0", "right", True), row("train-0", "wrong", False)])
+    with pytest.raises(UserError, match=r"already holds another sampling \(benchmark synthetic-train \(asked: "
+                                        r"synthetic-test\)"):
+        sampled_pairs("no-such-model", str(tmp_path), n=4, samples=2, max_new_tokens=8, split="test")
+    with pytest.raises(UserError, match=r"n 4 \(asked: 6\)"):
+        sampled_pairs("no-such-model", str(tmp_path), n=6, samples=2, max_new_tokens=8)
+    pairs = sampled_pairs("no-such-model", str(tmp_path), n=4, samples=2, max_new_tokens=8)
+    assert len(pairs) == 1 and pairs[0]["chosen"][0]["content"] == "right"
