@@ -66,9 +66,12 @@ def test_a_kept_sampling_of_other_problems_is_not_paired(tmp_path):
     says so (before loading any model) instead of pairing the wrong samples."""
     from posttrain.preference.sampled import sampled_pairs
 
-    (tmp_path / "metrics.json").write_text(json.dumps({
-        "benchmark": "synthetic-train", "n": 4, "settings": {"n_samples": 2, "temperature": 1.0,
-                                                             "max_new_tokens": 8, "seed": 0}}))
+    from posttrain.config import EvalConfig
+
+    settings = EvalConfig(prompt="reasoning", samples=2, temperature=1.0, max_new_tokens=8, batch_size=32, seed=0)
+    (tmp_path / "eval_config.json").write_text(json.dumps({"model": "no-such-model", "benchmark": "synthetic-train",
+                                                           **settings.fingerprint(), "compute_dtype": "bfloat16"}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"benchmark": "synthetic-train", "n": 4}))
     write(tmp_path / "samples.jsonl", [row("train-0", "right", True), row("train-0", "wrong", False)])
     with pytest.raises(UserError, match=r"already holds another sampling \(benchmark synthetic-train \(asked: "
                                         r"synthetic-test\)"):

@@ -72,12 +72,17 @@ def score_groups(ro, prompts: list[Prompt], rewards: RewardSet, tok, step: int,
     return groups, own
 
 
-def _add_reward_metrics(into: dict[str, float], new: dict[str, float]) -> dict[str, float]:
-    """Reward functions' metrics of two calls (rounds, or processes) together: counts and seconds add up; a
-    ``running_*`` value is a state, and the newer one is kept."""
-    for k, v in new.items():
-        into[k] = v if k.rsplit("/", 1)[-1].startswith("running_") else into.get(k, 0.0) + v
-    return into
+def combine_reward_metrics(parts: list[dict[str, float]], *, mean_states: bool = False) -> dict[str, float]:
+    """Reward functions' own metrics of several calls together (a step's rounds; with ``mean_states``, its
+    processes): counts and seconds add up; a ``running_*`` value is a state: the last one, or the mean."""
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            if not k.rsplit("/", 1)[-1].startswith("running_"):
+                out[k] = out.get(k, 0.0) + v
+            else:
+                out[k] = (out.get(k, 0.0) + v / len(parts)) if mean_states else v
+    return out
 
 
 def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], rewards: RewardSet, tok, sampling,
@@ -90,7 +95,7 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
     groups: list[Group] = []
     first: list[Group] | None = None
     counts = {"rollout_time": 0.0, "reward_time": 0.0, "gen_tokens": 0, "seen_tokens": 0, "dropped": 0}
-    reward_fn_metrics: dict[str, float] = {}
+    own_metrics: list[dict[str, float]] = []  # each scoring call's reward-function metrics
     rounds = 0
     while True:
         draws = stream.draw(per_proc * world)[rank * per_proc:(rank + 1) * per_proc]
@@ -105,7 +110,7 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
         t0 = time.perf_counter()
         new, own = (score_groups(ro, batch, rewards, tok, step, grpo.mask_truncated_completions) if need > 0
                     else ([], {}))
-        _add_reward_metrics(reward_fn_metrics, own)
+        own_metrics.append(own)
         counts["reward_time"] += time.perf_counter() - t0
         counts["gen_tokens"] += ro.stats["tokens"]
         counts["seen_tokens"] += ro.stats["tokens"] + sum(len(p.ids) for p in batch) * grpo.num_generations
@@ -120,8 +125,8 @@ def collect_rollouts(engine, stream: PromptStream, prompts: list[Prompt], reward
         rounds += 1
         short = max(gather_all([per_proc - len(groups)], world))
         if not grpo.dynamic_sampling or short <= 0 or rounds > grpo.dynamic_sampling_rounds:
-            return StepRollouts(groups=groups, first=first, rounds=rounds, reward_fn_metrics=reward_fn_metrics,
-                                **counts)
+            return StepRollouts(groups=groups, first=first, rounds=rounds,
+                                reward_fn_metrics=combine_reward_metrics(own_metrics), **counts)
 
 
 def log_completions(run_dir: Path, step: int, groups: list[Group], names: list[str], n_print: int) -> None:

@@ -56,7 +56,7 @@ from posttrain import fastpath
 from posttrain.distributed import (GatheredRollouts, accumulation, backward, finish_step, gather_all,
                                    sharded_optimizer)
 from posttrain.grpo.batch import MicroBatch, micro_batches, unpad
-from posttrain.grpo.collect import build_rewards, collect_rollouts, log_completions
+from posttrain.grpo.collect import build_rewards, collect_rollouts, combine_reward_metrics, log_completions
 from posttrain.grpo.config import GRPORecipe, check_group_batch
 from posttrain.grpo.data import PromptStream, StepRollouts, prepare_prompts
 from posttrain.grpo.losses import Objective, clip_fractions, group_advantages, micro_batch_loss, zero_std_groups
@@ -368,11 +368,7 @@ def step_reward_metrics(rollouts: StepRollouts, world: int, frac_zero: float) ->
     names = list(samples[0][1]) if samples else []
     out = reward_metrics([r for r, *_ in samples], {nm: [p[nm] for _, p, *_ in samples] for nm in names})
     out["frac_reward_zero_std"] = frac_zero
-    parts = gather_all([rollouts.reward_fn_metrics], world)   # every process's, over every round
-    for part in parts:   # counts and seconds add up; a state (running_*) is the mean over processes
-        for k, v in part.items():
-            state = k.rsplit("/", 1)[-1].startswith("running_")
-            out[k] = out.get(k, 0.0) + (v / len(parts) if state else v)
+    out.update(combine_reward_metrics(gather_all([rollouts.reward_fn_metrics], world), mean_states=True))
     lengths = [n for *_, n, _ in samples]
     term = [n for *_, n, tr in samples if not tr]
     out.update({"completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": min(lengths),

@@ -40,29 +40,31 @@ def sampled_pairs(model: str, out_dir: str, adapter: str | None = None, n: int =
     settings = EvalConfig(prompt=prompt, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed)
     out = Path(out_dir)
-    _check_kept(out, bench.name, len(bench.problems), settings)
+    model_id = model + (f" + {adapter}" if adapter else "")
+    _check_kept(out, model_id, bench.name, len(bench.problems), settings)
     if not (out / "metrics.json").is_file():
         net, tok = runs.load_merged(model, adapter)
-        evaluate(net, tok, bench, settings, out_dir=out, model_id=model + (f" + {adapter}" if adapter else ""))
+        evaluate(net, tok, bench, settings, out_dir=out, model_id=model_id)
         del net
     return pairs_from_samples(out / "samples.jsonl", {p.id: p.problem for p in bench.problems},
                               pairs_per_problem=pairs_per_problem, seed=seed)
 
 
-def _check_kept(out: Path, benchmark: str, n: int, settings: EvalConfig) -> None:
-    """A finished sampling in ``out`` is reused only when it is this one: another split, problem count or
-    sampling setting would pair the wrong samples (or none)."""
+def _check_kept(out: Path, model_id: str, benchmark: str, n: int, settings: EvalConfig) -> None:
+    """A finished sampling in ``out`` is reused only when it is this one: the evaluation's own settings record
+    (``eval_config.json``: what changes the completions, :meth:`EvalConfig.fingerprint`) and the problem count.
+    Another split, count or setting would pair the wrong samples (or none)."""
     import json
 
     if not (out / "metrics.json").is_file():
         return
-    kept = json.loads((out / "metrics.json").read_text())
-    ks = kept.get("settings", {})
-    want = {"benchmark": benchmark, "n": n, "samples": settings.samples, "temperature": settings.temperature,
-            "max_new_tokens": settings.max_new_tokens, "seed": settings.seed}
-    have = {"benchmark": kept.get("benchmark"), "n": kept.get("n"), "samples": ks.get("n_samples"),
-            "temperature": ks.get("temperature"), "max_new_tokens": ks.get("max_new_tokens"), "seed": ks.get("seed")}
-    diff = [f"{k} {have[k]} (asked: {want[k]})" for k in want if have[k] != want[k]]
+    config = out / "eval_config.json"
+    have = json.loads(config.read_text()) if config.is_file() else {}
+    have.pop("compute_dtype", None)
+    have["n"] = json.loads((out / "metrics.json").read_text()).get("n")
+    want = {"model": model_id, "benchmark": benchmark, "n": n, **settings.fingerprint()}
+    diff = [f"{k} {have.get(k)} (asked: {want.get(k)})" for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)]
     if diff:
         raise UserError(f"sampled_pairs: {out} already holds another sampling ({'; '.join(diff)}); give another "
                         "out_dir, or remove that one to sample again")
