@@ -255,8 +255,9 @@ class TrainConfig(Section):
         1024, ge=1, description="token positions per chunk of the head + log-softmax (the vocabulary-wide logits are "
                                 "made one chunk at a time): lower uses less memory, higher is faster")
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="SFT, DPO, reward models: dtype of the decoder layers' matmuls (autocast; master weights, "
-                            "the head and the loss stay float32; a LoRA base is then held in it). auto: bfloat16 on "
+        "auto", description="SFT, DPO, reward models: dtype of the decoder layers' matmuls (autocast; master weights "
+                            "and the loss stay float32, and so does the head except SFT's frozen head on CPU, as "
+                            "under bf16 autocast; a LoRA base is then held in it). auto: bfloat16 on "
                             "CUDA with bf16 support and on CPUs with native bf16 (AVX512-BF16/AMX), as GRPO's "
                             "compute_dtype; else float32")
     eval_every: int = Field(0, ge=0, description="SFT: log the validation loss (data.val_size) every N steps and at "
@@ -418,8 +419,9 @@ class EvalConfig(BaseModel):
         "auto", description="dtype of the decoder's matmuls while generating (transformers backend), the rule of "
                             "GRPO's rollouts: auto is bfloat16 where the device computes it natively (a CUDA GPU "
                             "with bf16, a CPU with AVX512-BF16 or AMX), else the weights' dtype; float32 for "
-                            "float32 answers. The head and the KV cache stay float32; metrics.json records the "
-                            "dtype used")
+                            "float32 answers. On CPU the head computes in it too (its logits turned to float32 before "
+                            "sampling, as vLLM does); the KV cache stays float32; metrics.json records the dtype "
+                            "used")
     last_number: bool = Field(
         False, description="when a completion has no answer in the prompt style's format, score its last number "
                            "instead (it still counts as a format failure). With a protocol and not given: on when "

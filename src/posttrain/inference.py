@@ -331,7 +331,7 @@ def generate_file(model, tok, input_path: str | Path, output_path: str | Path, *
                             top_k=sampling["top_k"], min_p=sampling["min_p"], max_new_tokens=max_new_tokens,
                             stop_token_ids=stop_token_ids(model, tok), seed=seed, logprobs=False)
     dtype = resolve_compute_dtype(compute_dtype, model)
-    engine = HFRolloutEngine(model, tok, compute_dtype=dtype)
+    engine = HFRolloutEngine(model, tok, compute_dtype=dtype, head_dtype=dtype)
     dtype_name = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     t0, tokens = time.perf_counter(), 0

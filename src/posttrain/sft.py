@@ -15,6 +15,10 @@ Packing (``train.packing``) concatenates examples into rows of ``data.max_length
 ids restarting at each example; transformers turns those position ids into a block-diagonal causal mask
 (sdpa, eager) or varlen kernels (flash-attention), so no example attends to another, and no target
 crosses an example boundary.
+
+Numerics: with a 16-bit compute dtype (``train.compute_dtype``) the decoder's matmuls run in it, and so does a
+frozen head where the fast path packs it (a LoRA model on CPU), as under TRL's bf16 autocast; the log-softmax and
+the loss are float32. GRPO and DPO keep float32 logits: their log-probabilities enter ratios and differences.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        self.compute_dtype = compute_dtype  # autocast dtype of the decoder layers; the head stays in its own
+        self.compute_dtype = compute_dtype  # autocast dtype of the decoder layers (the head: see the docstring)
 
     def forward(self, input_ids, attention_mask, position_ids, labels, head: Head | None = None):
         """The summed cross-entropy of the batch's targets. ``head``: the language-model head as the fast path
@@ -173,7 +177,8 @@ def train(cfg: SFTRecipe, resume: bool = False, allow_changes: list[str] | tuple
     scheduler = build_scheduler(optimizer, t, total_steps)
     compute = resolve_compute_dtype(t.compute_dtype, model)
     if run.is_main and compute is not None:
-        print(f"[posttrain] compute: decoder layers in {str(compute).replace('torch.', '')}, head and loss in float32")
+        name = str(compute).replace('torch.', '')
+        print(f"[posttrain] compute: decoder layers and a frozen head in {name}, log-softmax and loss in float32")
     loss_module, optimizer, scheduler = run.prepare(LossModule(model, t.loss_chunk_size, compute), optimizer, scheduler)
     device = run.device
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and
@@ -201,7 +206,7 @@ def train(cfg: SFTRecipe, resume: bool = False, allow_changes: list[str] | tuple
         t0 = time.perf_counter()
         loss_sum = 0.0
         with fastpath.training(model, compute, cache=prepacked, copies=run.launch in ("single", "ddp"),
-                               hold=True) as head:
+                               hold=True, head_dtype=compute) as head:
             for j, batch in enumerate(batches):
                 with accumulation(run.accelerator, loss_module, j == len(batches) - 1), autocast:
                     loss = loss_module(*_inputs(batch, device), head) * (run.world / global_targets)

@@ -3,6 +3,7 @@ overwritten), and fastpath.training's head giving the same log-probabilities as 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -58,6 +59,36 @@ def test_training_head_gives_the_model_heads_log_probs_and_input_gradient():
         (g_got,) = torch.autograd.grad(got.sum(), hidden)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bf16_head_dtype_computes_the_logits_as_bf16_autocast_does_and_float32_stays_the_default():
+    """SFT's head computes in its compute dtype (as under TRL's bf16 autocast); GRPO's and DPO's keep float32."""
+    if not fastpath.onednn.available("cpu"):
+        pytest.skip("packed heads need oneDNN")
+    model = _tiny_llama()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hidden = torch.randn(9, 64, requires_grad=True)
+    targets = torch.randint(0, 97, (9,))
+    w = model.lm_head.weight
+    bf16_logits = torch.nn.functional.linear(hidden.detach().bfloat16(), w.bfloat16()).float()
+    with fastpath.training(model, torch.bfloat16, cache={}, head_dtype=torch.bfloat16) as head:
+        assert head.forward(hidden).dtype == torch.bfloat16
+        torch.testing.assert_close(head.forward(hidden.detach()).float(), bf16_logits, rtol=0, atol=1e-2)
+        got, _ = selective_log_softmax(hidden, head, targets)
+        (g_got,) = torch.autograd.grad(got.sum(), hidden)
+    assert g_got.dtype == torch.float32 and g_got.abs().sum() > 0
+    with fastpath.training(model, torch.bfloat16, cache={}) as head:
+        assert head.forward(hidden).dtype == torch.float32
+    h = hidden.detach()
+    with fastpath.rollout(model, torch.bfloat16, cache={}, head_dtype=torch.bfloat16) as weights:
+        got = weights.head(h)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, bf16_logits, rtol=0, atol=1e-2)
+    with fastpath.rollout(model, torch.bfloat16, cache={}) as weights:
+        full = weights.head(h)
+    torch.testing.assert_close(full, torch.nn.functional.linear(h, w), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(full, got)
 
 
 def _lora_loss_and_grads(model, hold: bool):

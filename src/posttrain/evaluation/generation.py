@@ -31,7 +31,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 512,
     """Complete each prompt (already rendered text, special tokens included) once. ``temperature=0`` is greedy.
     ``seeds``: one per prompt, keying its random stream with ``seed`` (default: the prompt's index, so a
     completion then depends on its place in the batch; give stable per-sample seeds to make it batch-invariant).
-    ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the decoder layers under autocast; ``None``: the model's dtype.
+    ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the decoder's matmuls and a packed head in it; ``None``: the
+    model's dtype.
     """
     if not prompts:
         return []
@@ -40,7 +41,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 512,
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k if temperature > 0 else 0,
                               max_new_tokens=max_new_tokens, stop_token_ids=eos, stop_strings=tuple(stop),
                               seed=seed or 0, logprobs=False)
-    engine = HFRolloutEngine(model, tokenizer, compute_dtype=compute_dtype)
+    engine = HFRolloutEngine(model, tokenizer, compute_dtype=compute_dtype, head_dtype=compute_dtype)
     ro = engine.generate(ids, 1, sampling, seeds=list(seeds) if seeds is not None else list(range(len(ids))))
     results = []
     for r, reason in enumerate(ro.finish_reasons):

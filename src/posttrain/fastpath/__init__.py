@@ -9,7 +9,9 @@ without knowing what they do.
   It yields the language-model :class:`~posttrain.losses.Head` the loss applies.
 - :func:`rollout` (generation: GRPO rollouts, evaluation, batch generation, chat): on a CPU with oneDNN each
   LoRA layer computes with one prepacked merged weight ``W + BA`` (the base weights untouched), the other
-  linears and the head prepacked, and Llama-family models decode through the lean forward (:mod:`.lean`).
+  linears and the head prepacked (the head in its own dtype, float32 logits for GRPO's sampler log-probabilities,
+  or in ``head_dtype`` where only the chosen token matters: evaluation, generation), and Llama-family models
+  decode through the lean forward (:mod:`.lean`).
   Elsewhere the adapter is merged into the base (:func:`.weights.merged_lora`) and the decoder held in the
   compute dtype. It yields the decoder to use (the lean one, or None for transformers' forward) and the head.
 
@@ -37,14 +39,15 @@ def _head(module: torch.nn.Module) -> Head:
     pw = onednn.prepacked_weight(module)
     if pw is None or module.weight.requires_grad:
         return module_head(module)
-    dtype = module.weight.dtype
-    return Head(forward=lambda h: pw.linear(h.to(dtype)), grad_input=pw.grad_input, vocab=module.weight.shape[0])
+    return Head(forward=pw.linear, grad_input=pw.grad_input, vocab=module.weight.shape[0])
 
 
 @contextmanager
 def training(model, compute_dtype: torch.dtype | None, *, cache: dict | None = None,
-             copies: bool = True, hold: bool = False) -> Iterator[Head]:
+             copies: bool = True, hold: bool = False, head_dtype: torch.dtype | None = None) -> Iterator[Head]:
     """The weights of an update step (see the module docstring); yields the head for the loss.
+    ``head_dtype``: the dtype of a frozen head's packed matmul (None: the head weight's own, float32 logits on a
+    CPU; the logits go to the log-softmax in float32 either way).
     ``hold`` (trainers that never need the float32 base again in the process: SFT, DPO, reward models): at the
     first call with this ``cache``, a 16-bit ``compute_dtype`` becomes the frozen base's only dtype for the rest of
     the run (:func:`.weights.hold_frozen_in`: the same results, the float32 copy's memory freed).
@@ -65,7 +68,7 @@ def training(model, compute_dtype: torch.dtype | None, *, cache: dict | None = N
             heads = onednn.frozen_linears(head) if isinstance(head, torch.nn.Linear) else []
             stack.enter_context(onednn.prepacked_linears(onednn.frozen_linears(decoder, exclude=(head,)),
                                                          weights_dtype, cache=cache))
-            stack.enter_context(onednn.prepacked_linears(heads, None, cache=cache))
+            stack.enter_context(onednn.prepacked_linears(heads, head_dtype, cache=cache))
             stack.enter_context(fused_lora(model))
         else:
             stack.enter_context(compute_copies(model, weights_dtype, frozen_only=True))
@@ -82,9 +85,10 @@ class RolloutWeights(NamedTuple):
 
 @contextmanager
 def rollout(model, compute_dtype: torch.dtype | None, *, merge: str = "auto", use_lean: bool = True,
-            cache: dict | None = None) -> Iterator[RolloutWeights]:
+            cache: dict | None = None, head_dtype: torch.dtype | None = None) -> Iterator[RolloutWeights]:
     """The weights of a rollout (see the module docstring). ``merge``: how LoRA is folded for generation
-    (:func:`.weights.merged_lora`; ``none`` keeps the adapter unmerged everywhere)."""
+    (:func:`.weights.merged_lora`; ``none`` keeps the adapter unmerged everywhere). ``head_dtype``: the dtype of
+    the packed head's matmul where the head is packed (None: the head weight's own); the logits are float32."""
     device = next(model.parameters()).device
     decoder, head = decoder_and_head(model)
     lora = onednn.mergeable_lora_layers(model) if onednn.available(device) and merge != "none" else None
@@ -101,7 +105,7 @@ def rollout(model, compute_dtype: torch.dtype | None, *, merge: str = "auto", us
         return
     heads = onednn.frozen_linears(head, frozen_only=False) if isinstance(head, torch.nn.Linear) else []
     with ExitStack() as stack:
-        stack.enter_context(onednn.prepacked_linears(heads, None, grad_input=False, rows_hint=16, cache=cache))
+        stack.enter_context(onednn.prepacked_linears(heads, head_dtype, grad_input=False, rows_hint=16, cache=cache))
         if use_lean and lean.unsupported(model) is None:
             yield RolloutWeights(lean.LeanDecoder(model, lora, compute_dtype), logits)
             return

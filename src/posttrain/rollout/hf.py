@@ -17,7 +17,10 @@ What makes it cheaper than ``model.generate`` on the same model:
 4. **Finished rows leave the batch.** When a completion stops, its row is removed from the input, the
    attention mask and every layer's KV cache, so the remaining decode steps cost only what is still running.
 5. **16-bit compute where it is fast** (``compute_dtype``): the decoder's matmuls run in bf16 with their weights
-   cast once per rollout; the head runs in its own dtype (float32 on CPU), so sampling sees float32 logits.
+   cast once per rollout. The head runs in its own dtype (float32 on CPU), so GRPO's sampler log-probabilities
+   come from float32 logits as its training log-probabilities do; ``head_dtype`` (evaluation, batch generation,
+   chat: only the sampled or greedy token matters there) runs a packed head in the compute dtype too, as vLLM
+   does for a bf16 model (its logits are still turned to float32 before sampling).
 6. **Per-completion random streams.** Each completion samples from its own generator keyed by
    ``(seed, prompt seed, sample index)``; sampling is batch-invariant and reproducible across restarts and
    process counts.
@@ -99,12 +102,14 @@ class HFRolloutEngine:
     """
 
     def __init__(self, model, tokenizer, *, merge: str = "auto", max_rows: int | None = None,
-                 compute_dtype: torch.dtype | None = None, lean: bool = True):
+                 compute_dtype: torch.dtype | None = None, lean: bool = True,
+                 head_dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.merge = merge
         self.max_rows = max_rows
         self.compute_dtype = compute_dtype  # e.g. bfloat16: decoder layers in bf16, the head in its own dtype
+        self.head_dtype = head_dtype  # the packed head's matmul dtype (None: its own; see the module docstring)
         self.pad_id = rollout_pad_id(tokenizer)
         self.lean = lean  # the lean decoder forward where it applies (CPU, Llama-family; see rollout.lean)
         self.prepacked_cache: dict = {}  # frozen weights packed for oneDNN, kept across rollouts (and steps)
@@ -126,7 +131,7 @@ class HFRolloutEngine:
         model.eval()
         try:
             with fastpath.rollout(model, self.compute_dtype, merge=self.merge, use_lean=self.lean,
-                                  cache=self.prepacked_cache) as weights:
+                                  cache=self.prepacked_cache, head_dtype=self.head_dtype) as weights:
                 for start in range(0, len(order), per_chunk):
                     idx = order[start:start + per_chunk]
                     out = self._generate_chunk([prompts[i] for i in idx], n, sampling, [seeds[i] for i in idx], stats,
