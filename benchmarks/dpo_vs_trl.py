@@ -65,10 +65,12 @@ def recipe(args, out: Path, extra: list[str]):
 def worker_posttrain(args, rows: list[dict]) -> dict:
     from posttrain.preference.dpo import train
 
-    out = Path(args.workdir) / args.worker
+    out = Path(args.workdir) / f"{args.worker}-round{args.round}"
     extra = {"posttrain_pre": ["dpo.reference=precomputed"], "posttrain_bf16": ["train.compute_dtype=bfloat16"],
              "posttrain_bf16_b8": ["train.compute_dtype=bfloat16"],
-             "posttrain_same": [f"init_adapter={Path(args.workdir) / 'init_adapter'}"]}.get(args.worker, [])
+             # the loss check: float32 as TRL's "same" mode (compute_dtype auto is bf16 on a CPU with native bf16)
+             "posttrain_same": [f"init_adapter={Path(args.workdir) / 'init_adapter'}",
+                                "train.compute_dtype=float32"]}.get(args.worker, [])
     if args.worker.endswith("_b8"):  # the step's 8 pairs as one micro-batch (the same update, more memory)
         extra = [*extra, "train.batch_size=8", "train.grad_accum=1"]
     cfg = recipe(args, out, extra)
@@ -143,8 +145,9 @@ def run_worker(args) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def run_system(system: str, args, workdir: Path) -> dict | None:
-    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--steps", str(args.steps),
+def run_system(system: str, args, workdir: Path, round_: int = 1) -> dict | None:
+    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--round", str(round_),
+                                                "--steps", str(args.steps),
                                                 "--batch", str(args.batch)])
 
 
@@ -182,6 +185,7 @@ def main() -> None:
                          "per-step loss side by side")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.batch != 8:
         ap.error("--batch is 8 (posttrain 4 x 2 micro-batches, TRL 8)")
@@ -193,7 +197,7 @@ def main() -> None:
         loss_check(args, workdir)
         return
     results = best_of_rounds(args.systems.split(","), args.rounds,
-                             lambda system: run_system(system, args, workdir))
+                             lambda system, k: run_system(system, args, workdir, k))
     print(f"\nBest of {args.rounds} run(s) each. SmolLM2-135M-Instruct, LoRA r16 all linear, {args.batch} pairs a "
           f"step, {args.steps} steps (first excluded), sigmoid beta {BETA}, lr {LR}, {os.cpu_count()} cores\n")
     print("| system | tokens/s | tokens/s incl. ref precompute | s/step | peak RSS (MB) | padding "

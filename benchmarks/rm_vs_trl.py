@@ -10,7 +10,10 @@ warm-up, AdamW, max grad norm 1, on CPU. Each system runs in its own subprocess 
   flock /tmp/posttrain-test.lock python benchmarks/rm_vs_trl.py --steps 4
   python benchmarks/rm_vs_trl.py --loss-check      # one model, one batch: posttrain's loss vs TRL's compute_loss
 
-Systems: ``posttrain`` (the recipe: fp32), ``posttrain_bf16`` (``train.compute_dtype=bfloat16``); TRL
+Systems: ``posttrain`` (the recipe's settings, ``compute_dtype: auto``), ``posttrain_bf16``
+(``train.compute_dtype=bfloat16``), ``posttrain_mb4`` / ``posttrain_mb2`` (each step's 8 pairs as micro-batches of
+4 / 2 pairs with accumulation: the same update, less activation memory), ``posttrain_gc`` (gradient checkpointing,
+as TRL's defaults); TRL
 ``trl_default`` (its defaults with ``use_cpu=True``: bf16 autocast, gradient checkpointing) and ``trl_tuned`` (fp32,
 no gradient checkpointing). TRL is given posttrain's token ids (``chosen_ids`` / ``rejected_ids`` = prompt + answer),
 so both train on the same tokens; TRL's own tokenization is outside the timing either way.
@@ -59,7 +62,12 @@ def worker_posttrain(args, rows: list[dict]) -> dict:
     from posttrain.preference.rm import train
 
     out = Path(args.workdir) / args.worker
-    extra = {"posttrain_bf16": ["train.compute_dtype=bfloat16"]}.get(args.worker, [])
+    extra = {"posttrain_bf16": ["train.compute_dtype=bfloat16"],
+             # each step's 8 pairs as micro-batches of 4 / 2 pairs (the same update: the loss is scaled by each
+             # micro-batch's share of the step): less activation memory, smaller matmuls
+             "posttrain_mb4": ["train.batch_size=4", "train.grad_accum=2"],
+             "posttrain_mb2": ["train.batch_size=2", "train.grad_accum=4"],
+             "posttrain_gc": ["model.gradient_checkpointing=true"]}.get(args.worker, [])
     cfg = recipe(args, out, extra)
     with contextlib.redirect_stdout(io.StringIO()):
         train(cfg, rows=rows)

@@ -91,7 +91,7 @@ def worker_posttrain(args, train_file: Path, held: list[dict]) -> dict:
     from posttrain.threads import apply
 
     apply()  # the thread count `posttrain sft` would choose here (the free cores; POSTTRAIN_THREADS overrides)
-    out = Path(args.workdir) / args.worker
+    out = Path(args.workdir) / f"{args.worker}-round{args.round}"
     # posttrain_mb4 / _mb2 run each batch of 8 as micro-batches of 4 / 2 (token-normalized accumulation:
     # the same update, see tests/integration/test_sft.py::test_grad_accumulation_equals_one_big_batch)
     micro = {"posttrain_mb4": 4, "posttrain_mb2": 2, "posttrain_mb2_bf16": 2, "posttrain_fp32": args.batch,
@@ -181,8 +181,9 @@ def run_worker(args) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def run_system(system: str, args, workdir: Path) -> dict | None:
-    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--steps", str(args.steps),
+def run_system(system: str, args, workdir: Path, round_: int = 1) -> dict | None:
+    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--round", str(round_),
+                                                "--steps", str(args.steps),
                                                 "--trl-default-steps", str(args.trl_default_steps),
                                                 "--batch", str(args.batch)])
 
@@ -227,6 +228,7 @@ def main() -> None:
                          "machine")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         run_worker(args)
@@ -253,7 +255,7 @@ def main() -> None:
     del model
     with busy_process(args.busy):
         results = best_of_rounds(args.systems.split(","), args.rounds,
-                                 lambda system: run_system(system, args, workdir))
+                                 lambda system, k: run_system(system, args, workdir, k))
     print(f"\n{'Beside one busy process (benchmarks/busy.py). ' if args.busy else ''}"
           f"Best of {args.rounds} alternating runs each. SmolLM2-135M-Instruct ({n_params / 1e6:.1f} M params), "
           f"LoRA r16 all linear, batch {args.batch}, CPU; "

@@ -90,12 +90,14 @@ def run_in_subprocess(script: str, system: str, args: list[str]) -> dict | None:
 
 
 def best_of_rounds(systems: list[str], rounds: int, run) -> dict[str, dict]:
-    """Each system's fastest result (tokens/s) over ``rounds`` alternating runs of ``run(system)`` (None: failed)."""
+    """Each system's fastest result (tokens/s) over ``rounds`` alternating runs of ``run(system, round)`` (round
+    1, 2, ...: a worker writes its run under a folder named for it, so it never finds the previous round's
+    output). A failed run (None) stops the benchmark: a best of fewer rounds than asked would pass for the count."""
     results: dict[str, dict] = {}
-    for system in [s for _ in range(rounds) for s in systems]:
-        res = run(system)
+    for k, system in enumerate([s for _ in range(rounds) for s in systems]):
+        res = run(system, k // len(systems) + 1)
         if res is None:
-            continue
+            raise SystemExit(f"{system} failed in round {k // len(systems) + 1} of {rounds} (see above)")
         old = results.get(system)
         if old is None or res["tokens"] / res["seconds"] > old["tokens"] / old["seconds"]:
             results[system] = res
