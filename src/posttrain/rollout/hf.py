@@ -18,8 +18,8 @@ What makes it cheaper than ``model.generate`` on the same model:
    attention mask and every layer's KV cache, so the remaining decode steps cost only what is still running.
 5. **16-bit compute where it is fast** (``compute_dtype``): the decoder's matmuls run in bf16 with their weights
    cast once per rollout. The head runs in its own dtype (float32 on CPU), so GRPO's sampler log-probabilities
-   come from float32 logits as its training log-probabilities do; ``head_dtype`` (evaluation, batch generation,
-   chat: only the sampled or greedy token matters there) runs a packed head in the compute dtype too, as vLLM
+   come from float32 logits as its training log-probabilities do; ``head_dtype`` (evaluation and batch generation:
+   only the sampled or greedy token matters there) runs a packed head in the compute dtype too, as vLLM
    does for a bf16 model (its logits are still turned to float32 before sampling).
 6. **Per-completion random streams.** Each completion samples from its own generator keyed by
    ``(seed, prompt seed, sample index)``; sampling is batch-invariant and reproducible across restarts and
