@@ -35,6 +35,23 @@ def test_packed_linear_equals_f_linear_with_input_gradient(dtype, tol, bias):
     assert pw.linear(x.detach().float()).dtype == dtype
 
 
+def test_a_weight_held_in_bf16_backpropagates_from_itself_without_a_packed_transpose():
+    """SFT/DPO/RM hold the frozen base in bf16: its input gradient comes from the weight itself (no W.T copy)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 7, 96, dtype=torch.bfloat16)
+    (gref,) = torch.autograd.grad(PrepackedWeight(lin.weight).linear(x), x, g)  # through a packed W.T
+    with prepacked_linears([lin], torch.bfloat16):
+        pw = prepacked_weight(lin)
+        assert pw.wt is None and pw.plain.data_ptr() == lin.weight.data_ptr()  # no copy: the weight itself
+        (gout,) = torch.autograd.grad(lin(x), x, g)
+    torch.testing.assert_close(gout.float(), gref.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gout.float(), (g.float() @ lin.weight.float()), rtol=2e-2, atol=2e-2)
+    with prepacked_linears([lin.float()], torch.bfloat16):  # a float32 weight cast to bf16 keeps a packed W.T
+        assert prepacked_weight(lin).wt is not None and prepacked_weight(lin).plain is None
+
+
 def test_without_grad_input_a_backward_is_an_error():
     pw = PrepackedWeight(torch.randn(8, 4), grad_input=False)
     x = torch.randn(2, 4, requires_grad=True)
