@@ -10,8 +10,9 @@ Reordering costs one pass over the weight, so it pays only for weights that stay
 many times: a LoRA model's frozen base and its head during a training step, or the merged weights of one
 rollout. :func:`prepacked_linears` swaps the forward of such ``nn.Linear`` modules for the packed kernel while
 its body runs; gradients still flow to the input (``g @ W`` through a second packed copy, ``W.T``; or, for a
-weight already held in a 16-bit compute dtype, through a plain matmul on the weight itself, which saves that copy:
-212 MB of bf16 on SmolLM2-135M), never to the packed weight (it is frozen). Everything else (LoRA's A and B, trainable weights) stays on the usual path.
+weight already held in a 16-bit compute dtype, through a plain matmul on the weight itself, which saves that
+copy: 212 MB of bf16 on SmolLM2-135M), never to the packed weight (it is frozen). Everything else (LoRA's A and
+B, trainable weights) stays on the usual path.
 
 Off on non-CPU devices, without oneDNN, and with ``POSTTRAIN_PACKED_LINEAR=0``.
 """
@@ -182,7 +183,7 @@ def prepacked_linears(modules: list[torch.nn.Linear], dtype: torch.dtype | None 
             dt = dtype or m.weight.dtype
             key = (id(m), m.weight.data_ptr(), m.weight._version, dt, grad_input)
             packed = cache.get(key) if cache is not None else None
-            if packed is None and cache is not None and not grad_input:  # a copy with W.T serves too
+            if packed is None and cache is not None and not grad_input:  # a copy with a backward serves too
                 packed = cache.get(key[:-1] + (True,))
             if packed is None:
                 # a weight held in a 16-bit compute dtype (SFT/DPO/RM's bf16 base) backpropagates from itself
