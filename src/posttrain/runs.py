@@ -42,7 +42,7 @@ from pydantic import ValidationError
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import UserError
 from posttrain.fileops import remove_tree, tensor_bytes, writing
-from posttrain.models import ALIASES, load_model, load_tokenizer
+from posttrain.models import ALIASES, load_model, load_tokenizer, merge_adapter
 
 try:
     import fcntl
@@ -375,25 +375,30 @@ def check_base_exists(src: Source) -> None:
 
 
 
-def attach(model, tok, src: Source, dequantize: bool):
+def attach(model, tok, src: Source, dequantize: bool, merge: bool = False):
     """What every loader does after the base: a 4-bit base made dense (``dequantize``), the run's saved tokenizer
-    (with the chat template training used) in place of the base's, the adapter on top (unmerged)."""
+    (with the chat template training used) in place of the base's, the adapter on top (unmerged, or merged into
+    the weights with ``merge``)."""
     if dequantize:
         model = model.dequantize()
         model.hf_quantizer = None
         model.is_quantized = False
     if src.tokenizer_dir:
         tok = load_tokenizer(src.tokenizer_dir)
-    if src.adapter_dir is not None:
-        from peft import PeftModel  # peft pulls in transformers: only loading needs it
+    if src.adapter_dir is not None and merge:
+        model = merge_adapter(model, Path(src.adapter_dir))
+    elif src.adapter_dir is not None:
+        from peft import PeftModel  # peft's import takes 1.6 s: only loading an adapter pays it
 
         model = PeftModel.from_pretrained(model, str(src.adapter_dir))
     return model, tok
 
-def load(src: Source, *, device: str = "auto", dtype: str = "auto", dequantize: bool = False, verbose: bool = True):
-    """-> (model, tokenizer). With an adapter the model is a ``PeftModel`` (unmerged) on the base loaded as in
-    training (4-bit when the run used 4-bit). ``dequantize=True`` turns a 4-bit base back into dense weights first
-    (what ``merge`` needs: merging into 4-bit weights would quantize the LoRA update away)."""
+def load(src: Source, *, device: str = "auto", dtype: str = "auto", dequantize: bool = False, verbose: bool = True,
+         merge: bool = False):
+    """-> (model, tokenizer). With an adapter the model is a ``PeftModel`` (unmerged, or a plain model with the
+    adapter merged in with ``merge``) on the base loaded as in training (4-bit when the run used 4-bit).
+    ``dequantize=True`` turns a 4-bit base back into dense weights first (what ``merge`` needs: merging into 4-bit
+    weights would quantize the LoRA update away)."""
     cfg = src.model.model_copy(update={"device": device, "dtype": dtype})
     lora = (src.lora or LoraConfig()) if cfg.load_in_4bit else None  # load_model asks for it with 4-bit bases
     try:
@@ -403,7 +408,7 @@ def load(src: Source, *, device: str = "auto", dtype: str = "auto", dequantize: 
             raise
         raise UserError(f"base model {cfg.name!r} of the adapter {src.adapter_dir} (named in {src.base_from}) "
                         f"could not be loaded: {exc}. Pass --base MODEL with a hub id or local directory") from None
-    model, tok = attach(model, tok, src, dequantize and cfg.load_in_4bit)
+    model, tok = attach(model, tok, src, dequantize and cfg.load_in_4bit, merge)
     if src.adapter_dir is not None:
         model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
@@ -418,8 +423,4 @@ def load_merged(model_name: str, adapter: str | None, device: str = "auto", dtyp
     path = find_adapter(adapter) if adapter else None
     src = Source(model=ModelConfig(name=model_name), adapter_dir=path,
                  tokenizer_dir=str(path) if path and has_tokenizer(path) else None, base_from="--model")
-    model, tok = load(src, device=device, dtype=dtype)
-    if path is not None:
-        model = model.merge_and_unload()
-        model.eval()
-    return model, tok
+    return load(src, device=device, dtype=dtype, merge=True)

@@ -240,3 +240,41 @@ def test_a_cache_passed_by_with_cache_reaches_the_attention(tiny_qwen3):
         alone = decoder(input_ids=ids[:, 6:]).last_hidden_state
     assert torch.allclose(tail, whole[:, 6:], atol=1e-5)
     assert not torch.allclose(alone, whole[:, 6:], atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["plain", "rslora", "bf16 base", "dora", "modules_to_save"])
+def test_merging_a_saved_adapter_equals_peft_merge_and_unload_bit_for_bit(tmp_path, tiny_qwen3, kind):
+    """posttrain merges a plain LoRA adapter straight from its files (no PEFT import, no wrapping); the weights
+    must be the very floats PEFT's ``merge_and_unload`` gives, and every other kind must go through PEFT."""
+    import copy
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import _plain_lora_pairs, merge_adapter
+
+    dtype = torch.bfloat16 if kind == "bf16 base" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=dtype)
+    extra = {"use_rslora": True} if kind == "rslora" else {"use_dora": True} if kind == "dora" else {}
+    if kind == "modules_to_save":
+        extra = {"modules_to_save": ["lm_head"]}
+    cfg = PeftLoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], **extra)
+    trained = get_peft_model(copy.deepcopy(base), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.3)                   # a trained-looking adapter
+    trained.save_pretrained(tmp_path / "adapter")
+
+    expected = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).merge_and_unload()
+    fast = _plain_lora_pairs(base, tmp_path / "adapter") is not None
+    assert fast == (kind in ("plain", "rslora", "bf16 base"))
+    merged = merge_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    got, want = merged.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    changed = [k for k in want if not torch.equal(want[k], base.state_dict()[k])]
+    assert any("q_proj" in k for k in changed)                      # the adapter did change the model
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
