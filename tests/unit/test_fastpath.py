@@ -128,3 +128,41 @@ def test_holding_the_frozen_base_in_bf16_frees_its_float32_copy_with_the_same_re
     kept = [n for n in dtypes if "lora_" in n or "embed" in n or "norm" in n]
     assert kept and all(dtypes[n] == torch.float32 for n in kept)
     assert all(p.dtype == torch.float32 for p in plain.parameters())  # without hold nothing stays changed
+
+
+def test_float32_attention_keeps_grouped_key_value_heads_grouped_with_transformers_values():
+    """With a padding mask transformers' sdpa repeats k and v for every query head (and autograd saves the copies);
+    the float32 attention passes the 3 key/value heads to torch's GQA kernel: the same output and gradients, and
+    k and v saved once, not once per query head."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from posttrain.fastpath.attention import sdpa_float32
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    B, T, S = 4, 5, 11                                    # 5 new tokens on a 6-token cache
+    q = torch.randn(B, 9, T, 64, requires_grad=True)
+    k, v = (torch.randn(B, 3, S, 64, requires_grad=True) for _ in range(2))
+    mask = torch.ones(B, 1, T, S, dtype=torch.bool).tril(S - T)
+    mask[0, :, :, :2] = False                              # left padding in one row
+    g = torch.randn(B, T, 9, 64)
+
+    def run(fn):
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, _ = fn(module, q, k, v, mask, dropout=0.0, scaling=0.125)
+        return out, torch.autograd.grad(out, (q, k, v), g), sum(saved.values())
+
+    want, want_grads, want_saved = run(sdpa_attention_forward)
+    got, got_grads, got_saved = run(sdpa_float32)
+    assert got.shape == want.shape == (B, T, 9, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert want_saved - got_saved == 2 * (9 - 3) * B * S * 64 * 4  # no repeated k and v (float32) saved

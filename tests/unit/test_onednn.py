@@ -4,6 +4,8 @@ touching the base."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,21 +37,26 @@ def test_packed_linear_equals_f_linear_with_input_gradient(dtype, tol, bias):
     assert pw.linear(x.detach().float()).dtype == dtype
 
 
-def test_a_weight_held_in_bf16_backpropagates_from_itself_without_a_packed_transpose():
-    """SFT/DPO/RM hold the frozen base in bf16: its input gradient comes from the weight itself (no W.T copy)."""
+def test_a_weight_held_in_bf16_computes_from_itself_without_packed_copies():
+    """SFT/DPO/RM hold the frozen base in bf16: forward and input gradient come from the weight itself (no packed
+    W, no packed W.T), with the packed copies' values."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16).requires_grad_(False)
+    lin = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16).requires_grad_(False)
     x = torch.randn(3, 7, 64, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(3, 7, 96, dtype=torch.bfloat16)
-    (gref,) = torch.autograd.grad(PrepackedWeight(lin.weight).linear(x), x, g)  # through a packed W.T
+    ref = PrepackedWeight(lin.weight, lin.bias).linear(x)                        # packed W and W.T
+    (gref,) = torch.autograd.grad(ref, x, g)
     with prepacked_linears([lin], torch.bfloat16):
         pw = prepacked_weight(lin)
-        assert pw.wt is None and pw.plain.data_ptr() == lin.weight.data_ptr()  # no copy: the weight itself
-        (gout,) = torch.autograd.grad(lin(x), x, g)
+        assert pw.w is None and pw.wt is None and pw.plain.data_ptr() == lin.weight.data_ptr()  # the weight itself
+        out = lin(x)
+        (gout,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gout.float(), gref.float(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gout.float(), (g.float() @ lin.weight.float()), rtol=2e-2, atol=2e-2)
-    with prepacked_linears([lin.float()], torch.bfloat16):  # a float32 weight cast to bf16 keeps a packed W.T
-        assert prepacked_weight(lin).wt is not None and prepacked_weight(lin).plain is None
+    with prepacked_linears([lin.float()], torch.bfloat16):  # a float32 weight cast to bf16 is packed, W and W.T
+        pw = prepacked_weight(lin)
+        assert pw.w is not None and pw.wt is not None and pw.plain is None
 
 
 def test_without_grad_input_a_backward_is_an_error():
@@ -178,3 +185,52 @@ def test_fused_lora_leaves_layers_with_dropout_to_peft():
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
     with prepacked_linears(frozen_linears(model)), fused_lora(model):
         assert "forward" not in model.base_model.model[0].__dict__
+
+
+def test_layers_reading_one_input_share_its_cast_and_the_saved_copy():
+    """q, k and v read the same hidden states: the fused LoRA nodes cast them to bf16 once and save that one tensor,
+    with the same gradients as casting each time; an input changed in place, or another input, is cast anew."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    fl = importlib.import_module("posttrain.fastpath.fused_lora")  # the module (the package exports the function)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, 97, (2, 9))
+    saved = []
+
+    def run(share: bool):
+        saved.clear()
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        with (prepacked_linears(frozen_linears(model), torch.bfloat16), fl.fused_lora(model),
+              torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)):
+            if not share:
+                original, fl._cast_once = fl._cast_once, lambda x, dt: x.reshape(-1, x.shape[-1]).to(dt)
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(ids).logits.float().logsumexp(-1).mean()
+            finally:
+                if not share:
+                    fl._cast_once = original
+        return loss, torch.autograd.grad(loss, lora)
+
+    loss, grads = run(share=True)
+    shared = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.bfloat16 and t.shape == (18, 64)}
+    loss_each, grads_each = run(share=False)
+    each = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.bfloat16 and t.shape == (18, 64)}
+    assert len(each) - len(shared) == 2 * 2   # q, k, v: 3 copies -> 1, in each of 2 layers (up_proj reads its own)
+    assert torch.equal(loss, loss_each) and all(torch.equal(a, b) for a, b in zip(grads, grads_each))
+
+    x = torch.randn(3, 64)
+    first = fl._cast_once(x, torch.bfloat16)
+    assert fl._cast_once(x, torch.bfloat16) is first
+    x.mul_(2)                                           # changed in place: a new cast
+    assert not torch.equal(fl._cast_once(x, torch.bfloat16), first)
+    assert fl._cast_once(x.clone(), torch.bfloat16) is not fl._cast_once(x, torch.bfloat16)

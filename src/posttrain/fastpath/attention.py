@@ -3,7 +3,8 @@
 
 On CPU the bf16 sdpa kernel's backward is ~3x slower than float32's (5.0 vs 1.9 ms at 4 x 9 heads x 64 x 104),
 and under autocast q and k already arrive in float32 (rotary promotion); so while a bf16 update runs, attention
-computes in float32 and the projections around it stay in bf16. The model switches to the registered
+computes in float32 and the projections around it stay in bf16. Grouped key/value heads go to torch's GQA kernel
+as they are (:func:`sdpa_float32`). The model switches to the registered
 implementation for the body (``set_attn_implementation``) and back afterwards; nothing global is overwritten.
 """
 
@@ -19,11 +20,22 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "posttrain_sdpa_float32"
 
 
-def sdpa_float32(module, query, key, value, attention_mask, *args, **kwargs):
-    """transformers' sdpa attention with q, k and v in float32 and autocast off."""
+def sdpa_float32(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                 is_causal: bool | None = None, **kwargs):
+    """transformers' sdpa attention with q, k and v in float32 and autocast off. With a mask and grouped key/value
+    heads, torch's own GQA (``enable_gqa``) instead of transformers' ``repeat_kv``, which on CPU copies k and v per
+    query head and saves the copies for the backward: on a reward-model batch (16 answers of 5 tokens on a 56-token
+    prompt cache) 2.2 instead of 18 MiB saved per layer, and 1.5 instead of 7.5 ms forward and backward."""
+    groups = getattr(module, "num_key_value_groups", 1)
     with torch.autocast(query.device.type, enabled=False):
-        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, *args,
-                                      **kwargs)
+        if (attention_mask is None or groups == 1 or kwargs.get("position_bias") is not None
+                or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
+            return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                          dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), key.float(), value.float(), attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            enable_gqa=True)  # with a mask transformers passes is_causal=False too: the mask is the causal one
+        return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, sdpa_float32)

@@ -10,22 +10,43 @@ their backward nodes. :class:`_LoraLinearFn` computes the same in the compute dt
 (the base weight ``W`` is frozen and packed, :mod:`posttrain.fastpath.onednn`). The same values as PEFT under autocast,
 with fewer passes; used while :func:`fused_lora` runs, for LoRA layers whose base is packed, with one active
 adapter, no dropout, no DoRA and no LoRA bias. Any other layer keeps PEFT's forward.
+
+Layers that read the same input (q, k and v; gate and up) share its compute-dtype cast: it is made once, and the
+three nodes save that one tensor for their backward instead of three copies of it.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
 
 from posttrain.fastpath.onednn import PrepackedWeight, prepacked_weight
 
+_last_cast: tuple | None = None  # (weakref to the input, its version, dtype, its 2-D cast)
+
+
+def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a 2-D tensor in ``dtype``; the same tensor again when the previous call cast this very ``x``
+    (unchanged since): q, k and v (gate and up) share one cast and one saved copy."""
+    global _last_cast
+    if x.dtype == dtype:
+        return x.reshape(-1, x.shape[-1])
+    if _last_cast is not None:
+        ref, version, dt, cast = _last_cast
+        if ref() is x and version == x._version and dt == dtype:
+            return cast
+    cast = x.reshape(-1, x.shape[-1]).to(dtype)
+    _last_cast = (weakref.ref(x), x._version, dtype, cast)
+    return cast
+
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, base: PrepackedWeight, scale: float):
         dtype = base.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        x2 = _cast_once(x, dtype)
         ac, bc = a.to(dtype), b.to(dtype)
         xa = x2 @ ac.t()
         y = torch.addmm(base._forward(x2), xa, bc.t(), alpha=scale)
