@@ -33,7 +33,7 @@ import resource
 import sys
 import tempfile
 from pathlib import Path
-from trl_side import SEVEN, run_in_subprocess, train_timed
+from trl_side import SEVEN, best_of_rounds, run_in_subprocess, train_timed
 
 SEED = 3407
 LR, MAX_LEN, CENTER = 2e-4, 256, 0.01
@@ -61,7 +61,7 @@ def recipe(args, out: Path, extra: list[str]):
 def worker_posttrain(args, rows: list[dict]) -> dict:
     from posttrain.preference.rm import train
 
-    out = Path(args.workdir) / args.worker
+    out = Path(args.workdir) / f"{args.worker}-round{args.round}"
     extra = {"posttrain_bf16": ["train.compute_dtype=bfloat16"],
              # each step's 8 pairs as micro-batches of 4 / 2 pairs (the same update: the loss is scaled by each
              # micro-batch's share of the step): less activation memory, smaller matmuls
@@ -97,7 +97,7 @@ def trl_setup(args, rows: list[dict], mode: str, peft_model=None):
                               for p in pairs])
     kwargs = {"tuned": {"bf16": False, "gradient_checkpointing": False},
               "default": {}}[mode]
-    config = RewardConfig(output_dir=str(Path(args.workdir) / f"trl-{mode}"), use_cpu=True,
+    config = RewardConfig(output_dir=str(Path(args.workdir) / f"trl-{mode}-round{args.round}"), use_cpu=True,
                           per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=args.steps,
                           learning_rate=LR, warmup_steps=0, lr_scheduler_type="linear", max_grad_norm=1.0, seed=SEED,
                           logging_steps=1, report_to="none", save_strategy="no", max_length=MAX_LEN,
@@ -170,9 +170,9 @@ def run_worker(args) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def run_system(system: str, args, workdir: Path) -> dict | None:
-    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--steps", str(args.steps),
-                                                "--batch", str(args.batch)])
+def run_system(system: str, args, workdir: Path, round_: int = 1) -> dict | None:
+    return run_in_subprocess(__file__, system, ["--workdir", str(workdir), "--round", str(round_),
+                                                "--steps", str(args.steps), "--batch", str(args.batch)])
 
 
 def loss_check(args, workdir: Path) -> None:
@@ -197,10 +197,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per system (the first is a warm-up)")
     ap.add_argument("--batch", type=int, default=8, help="pairs per step (fixed by the systems' settings)")
     ap.add_argument("--systems", default=SYSTEMS)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every system this many times, alternating, and keep each one's fastest run")
     ap.add_argument("--loss-check", action="store_true",
                     help="instead of the speed table: posttrain's and TRL's loss on one model and one batch")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.batch != 8:
         ap.error("--batch is 8 (one forward of 16 sequences in both systems)")
@@ -211,8 +214,9 @@ def main() -> None:
     if args.loss_check:
         loss_check(args, workdir)
         return
-    results = {s: r for s in args.systems.split(",") if (r := run_system(s, args, workdir)) is not None}
-    print(f"\nSmolLM2-135M-Instruct + score head, LoRA r16 all linear + head, {args.batch} pairs a step, "
+    results = best_of_rounds(args.systems.split(","), args.rounds,
+                             lambda system, k: run_system(system, args, workdir, k))
+    print(f"\nBest of {args.rounds} run(s) each. SmolLM2-135M-Instruct + score head, LoRA r16 all linear + head, {args.batch} pairs a step, "
           f"{args.steps} steps (first excluded), lr {LR}, center {CENTER}, {os.cpu_count()} cores\n")
     print("| system | tokens/s | s/step | peak RSS (MB) | first / last loss |")
     print("|---|---:|---:|---:|---|")
