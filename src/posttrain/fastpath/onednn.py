@@ -15,7 +15,7 @@ packed weight (it is frozen). Everything else (LoRA's A and B, trainable weights
 A weight already held in a 16-bit compute dtype (SFT, DPO and reward models hold their frozen base in bf16) is
 not packed: it computes from itself, forward and backward, through plain matmuls (oneDNN's bf16 kernels all the
 same). At training's row counts (256-2048) those are within 2-8% of the packed kernel's time on the decoder's
-shapes, and neither ``W`` nor ``W.T`` is copied: 424 MB less on SmolLM2-135M, 8 GB on a 4B model.
+shapes, and neither ``W`` nor ``W.T`` is copied (each copy is 212 MB on SmolLM2-135M, about 7 GB on Qwen3-4B).
 
 Off on non-CPU devices, without oneDNN, and with ``POSTTRAIN_PACKED_LINEAR=0``.
 """
