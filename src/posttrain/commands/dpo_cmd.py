@@ -29,10 +29,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from posttrain.config import load_recipe
     from posttrain.errors import UserError
-    from posttrain.preference.dpo import train
     from posttrain.preference.dpo_config import DPORecipe
 
-    cfg = load_recipe(args.recipe, args.overrides, DPORecipe)
+    cfg = load_recipe(args.recipe, args.overrides, DPORecipe)  # a bad recipe fails before the heavy imports
+    from posttrain.preference.dpo import train
     allow = [k.strip() for item in args.allow_changes for k in item.split(",") if k.strip()]
     if allow and not args.resume:
         raise UserError("--allow-changes goes with --resume (it accepts changes to the recipe of the run resumed)")

@@ -35,10 +35,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from posttrain.config import load_recipe
-    from posttrain.grpo.loop import train
     from posttrain.grpo.config import GRPORecipe
 
-    cfg = load_recipe(args.recipe, args.overrides, GRPORecipe)
+    cfg = load_recipe(args.recipe, args.overrides, GRPORecipe)  # a bad recipe fails before the heavy imports
+    from posttrain.grpo.loop import train
     allow = [k.strip() for item in args.allow_changes for k in item.split(",") if k.strip()]
     if allow and not args.resume:
         from posttrain.errors import UserError

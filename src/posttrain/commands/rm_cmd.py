@@ -48,9 +48,9 @@ def run(args) -> int:
     from posttrain.config import load_recipe
     from posttrain.errors import UserError
     from posttrain.preference.config import RMRecipe
-    from posttrain.preference.rm import train
 
-    cfg = load_recipe(args.recipe, args.overrides, RMRecipe)
+    cfg = load_recipe(args.recipe, args.overrides, RMRecipe)  # a bad recipe fails before the heavy imports
+    from posttrain.preference.rm import train
     allow = [k.strip() for item in args.allow_changes for k in item.split(",") if k.strip()]
     if allow and not args.resume:
         raise UserError("--allow-changes goes with --resume (it accepts changes to the recipe of the run resumed)")

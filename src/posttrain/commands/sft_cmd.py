@@ -26,9 +26,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from posttrain.config import SFTRecipe, load_recipe
-    from posttrain.sft import train
 
-    cfg = load_recipe(args.recipe, args.overrides, SFTRecipe)
+    cfg = load_recipe(args.recipe, args.overrides, SFTRecipe)  # a bad recipe fails before the heavy imports
+    from posttrain.sft import train
     allow = [k.strip() for item in args.allow_changes for k in item.split(",") if k.strip()]
     if allow and not args.resume:
         from posttrain.errors import UserError
