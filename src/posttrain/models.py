@@ -363,10 +363,10 @@ def _plain_lora_pairs(model, path: Path):
     tensors = load_file(str(weights))
     prefix, pairs = "base_model.model.", []
     for key in sorted(tensors):
-        if not (key.startswith(prefix) and key.endswith(".lora_A.weight")):
-            if not (key.startswith(prefix) and key.endswith(".lora_B.weight")):
-                return None
-            continue
+        if not key.startswith(prefix) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            return None  # not a LoRA matrix (an embedding adapter, a saved module, ...)
+        if key.endswith(".lora_B.weight"):
+            continue  # read with its A
         name = key[len(prefix):-len(".lora_A.weight")]
         a, b = tensors[key].float(), tensors.get(f"{prefix}{name}.lora_B.weight")
         try:
