@@ -166,3 +166,47 @@ def test_float32_attention_keeps_grouped_key_value_heads_grouped_with_transforme
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert want_saved - got_saved == 2 * (9 - 3) * B * S * 64 * 4  # no repeated k and v (float32) saved
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_fused_swiglu_gate_gives_the_same_bits_and_saves_one_tensor_less_per_mlp(family):
+    """The MLP's gate as one node: loss and every gradient (LoRA and a trained full MLP weight) bit-equal to
+    transformers' two nodes, under bf16 autocast and in float32; the saved tensors lose exactly the SiLU outputs;
+    the MLPs' forward is restored after."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config
+
+    from posttrain.fastpath.swiglu import fused_swiglu
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+    cfg = LlamaConfig(**kw) if family == "llama" else Qwen3Config(head_dim=16, **kw)
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    down = model.base_model.model.model.layers[0].mlp.down_proj.weight
+    down.requires_grad_(True)  # a trained weight after the gate: its gradient reads the product
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(0, 97, (2, 9))
+
+    def run(fused: bool, dtype):
+        saved = []
+        with (fused_swiglu(model) if fused else torch.enable_grad(),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+              torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)):
+            loss = model(ids).logits.float().logsumexp(-1).mean()
+        wide = {t.untyped_storage().data_ptr() for t in saved if t.shape[-1] == 128}
+        return loss, torch.autograd.grad(loss, trained), len(wide)
+
+    for dtype in (torch.bfloat16, torch.float32):
+        loss, grads, n_fused = run(True, dtype)
+        loss_ref, grads_ref, n_ref = run(False, dtype)
+        assert torch.equal(loss, loss_ref)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+        assert n_ref - n_fused == 2  # silu(gate) of each of the 2 layers is no longer saved
+    mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP")]
+    assert len(mlps) == 2 and all("forward" not in m.__dict__ for m in mlps)
