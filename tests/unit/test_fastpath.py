@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from posttrain import fastpath
-from posttrain.fastpath.attention import NAME, float32_attention
+from posttrain.fastpath.attention import NAME, NAME_SAVED, float32_attention
 from posttrain.losses import module_head, selective_log_softmax
 
 
@@ -133,7 +133,7 @@ def test_holding_the_frozen_base_in_bf16_frees_its_float32_copy_with_the_same_re
 def test_float32_attention_keeps_grouped_key_value_heads_grouped_with_transformers_values():
     """With a padding mask transformers' sdpa repeats k and v for every query head (and autograd saves the copies);
     the float32 attention passes the 3 key/value heads to torch's GQA kernel: the same output and gradients, and
-    k and v saved once, not once per query head."""
+    k and v saved once, not once per query head (counted with the backward's recompute turned off)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from posttrain.fastpath.attention import sdpa_float32
@@ -160,7 +160,9 @@ def test_float32_attention_keeps_grouped_key_value_heads_grouped_with_transforme
         return out, torch.autograd.grad(out, (q, k, v), g), sum(saved.values())
 
     want, want_grads, want_saved = run(sdpa_attention_forward)
-    got, got_grads, got_saved = run(sdpa_float32)
+    with pytest.MonkeyPatch.context() as mp:  # without the recompute (next test), autograd saves what the kernel reads
+        mp.setattr("posttrain.fastpath.attention.checkpoint", lambda fn, *args, **kw: fn(*args))
+        got, got_grads, got_saved = run(sdpa_float32)
     assert got.shape == want.shape == (B, T, 9, 64)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, want_grads):
@@ -210,3 +212,91 @@ def test_the_fused_swiglu_gate_gives_the_same_bits_and_saves_one_tensor_less_per
         assert n_ref - n_fused == 2  # silu(gate) of each of the 2 layers is no longer saved
     mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP")]
     assert len(mlps) == 2 and all("forward" not in m.__dict__ for m in mlps)
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+def test_float32_attention_recomputed_in_the_backward_gives_the_same_bits_and_saves_none_of_its_tensors(checkpointing):
+    """A LoRA model with grouped heads and left padding under bf16 autocast: the loss and every LoRA gradient are
+    bit-equal with the attention recomputed in the backward and with its tensors saved, also under transformers'
+    gradient checkpointing (then it is not recomputed again); with the recompute autograd saves none of the
+    kernel's outputs (only q, k and v, as the recompute's inputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2)
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+    model.train()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    ids = torch.randint(0, 97, (3, 10))
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0
+
+    def run(recompute: bool):
+        saved = []
+        with pytest.MonkeyPatch.context() as mp:
+            if not recompute:
+                mp.setattr("posttrain.fastpath.attention.checkpoint", lambda fn, *args, **kw: fn(*args))
+            with float32_attention(model, torch.bfloat16):  # the backward inside it too, as the trainers do
+                assert model.config._attn_implementation == (NAME_SAVED if checkpointing else NAME)
+                with (torch.autocast("cpu", dtype=torch.bfloat16),
+                      torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)):
+                    loss = model(input_ids=ids, attention_mask=attn).logits.float().logsumexp(-1).mean()
+                model.zero_grad(set_to_none=True)
+                loss.backward()  # (reentrant checkpointing takes backward(), not autograd.grad)
+        kernels = {type(t.grad_fn).__name__ for t in saved if t.grad_fn is not None}
+        return loss, [p.grad.clone() for p in lora], any("ScaledDotProduct" in k for k in kernels)
+
+    loss, grads, kernel_output_saved = run(recompute=True)
+    loss_saved, grads_saved, kernel_output_saved_without = run(recompute=False)
+    assert torch.equal(loss, loss_saved)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_saved))
+    # without transformers' checkpointing the kernel's float32 output is saved unless recomputed; with it, nothing
+    # inside a layer is saved in the forward either way (the attention is not recomputed a second time there)
+    assert kernel_output_saved_without == (checkpointing is None)
+    assert not kernel_output_saved
+
+
+def _rss_mb(kind: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(f"Rss{kind}:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no Rss{kind} in /proc/self/status")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc and madvise are Linux's")
+def test_holding_a_base_loaded_from_its_file_hands_the_float32_pages_back(tmp_path):
+    """A float32 model loaded from its safetensors file is views of one mapping of the file. Holding its frozen
+    linears in bf16 reads every float32 page; those pages (and the embedding's) leave the resident set, the weights
+    keep their values, the embedding is not copied, and memory that is not a file's is left alone."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.fastpath.allocator import page_out
+    from posttrain.fastpath.weights import hold_frozen_in
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)  # 40 MB of float32, 16 MB of it embedding
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    emb = model.get_input_embeddings().weight
+    want_linear = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters()
+                   if p.dim() == 2 and "lora_" not in n and "embed" not in n}
+    want_emb = emb.detach().clone()  # reads the embedding's pages: resident now
+    file_before, anon_before = _rss_mb("File"), _rss_mb("Anon")
+    assert hold_frozen_in(model, torch.bfloat16) > 0
+    assert file_before - _rss_mb("File") > 30  # float32 linears (24 MB) and embedding (16 MB), less the odd page
+    assert _rss_mb("Anon") - anon_before < 20  # the bf16 linears (12 MB), no 16 MB copy of the embedding
+    got = {n: p for n, p in model.named_parameters() if n in want_linear}
+    assert got.keys() == want_linear.keys() and all(torch.equal(got[n], w) for n, w in want_linear.items())
+    assert torch.equal(emb, want_emb)  # read back from the file
+    assert page_out([torch.ones(1 << 20)]) == 0  # ordinary memory: not advised

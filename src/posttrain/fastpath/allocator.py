@@ -9,6 +9,10 @@ blocks come back from the heap already mapped. Peak memory is unchanged: freed b
 in addition.
 
 Only glibc on Linux; off with ``POSTTRAIN_MALLOC_TUNING=0``.
+
+:func:`page_out` hands pages of a file mapping back to the kernel: a model loaded from a safetensors file in its own
+dtype is a set of views of one private mapping of the file, and every page read stays resident until the last
+view dies.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MADV_PAGEOUT = 21  # Linux 5.4+
 _done = False
 
 
@@ -38,4 +43,43 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <<
     return _done
 
 
-__all__ = ["keep_freed_memory"]
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of files, from /proc/self/maps."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((start, end))
+    return spans
+
+
+def page_out(tensors) -> int:
+    """Ask the kernel to reclaim the resident pages under each tensor's storage that lies in a file mapping
+    (``madvise(MADV_PAGEOUT)``): pages read from the file and never written leave the resident set and are read
+    from the file again if touched; nothing is lost (a written page is swapped out or stays). Tensors in ordinary
+    memory are left alone (no swapping of anonymous memory). Returns the bytes advised; 0 where the system cannot
+    (not Linux, a kernel before 5.4)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        spans = _file_mappings()
+    except OSError:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    advised = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        start, size = storage.data_ptr(), storage.nbytes()
+        if not size or not any(lo <= start and start + size <= hi for lo, hi in spans):
+            continue
+        lo = start - start % page
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(start + size - lo), MADV_PAGEOUT) != 0:
+            return advised  # EINVAL: no MADV_PAGEOUT here
+        advised += size
+    return advised
+
+
+__all__ = ["keep_freed_memory", "page_out"]

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
+from posttrain.fastpath.allocator import page_out
 from posttrain.models import decoder_and_head
 
 
@@ -88,15 +89,17 @@ def hold_frozen_in(model, dtype: torch.dtype) -> int:
                 continue
             for p in params:
                 freed += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
-                p.data = p.data.to(dtype)
+                old, p.data = p.data, p.data.to(dtype)
+                # transformers maps a local safetensors file into memory and every weight is a view of that one
+                # mapping, so the pages read for this conversion would stay resident (beside the new copy) until
+                # the last view dies: handed back one weight at a time, the float32 weights never add up
+                page_out([old])
         if freed:
-            # transformers maps a local safetensors file into memory and every weight is a view of that one
-            # mapping, so the file's pages stay resident until the last view dies: the other frozen weights
-            # (embeddings, norms) get their own copies, and the mapping goes.
+            # the other frozen weights (embeddings, norms) keep their float32 views; their pages go back too and
+            # only the rows a batch reads come back (an embedding's whole table is never read in training)
             converted = {id(m.weight) for m in decoder.modules() if isinstance(m, torch.nn.Linear)}
-            for q in model.parameters():
-                if not q.requires_grad and id(q) not in converted and q.device.type == "cpu":
-                    q.data = q.data.clone()
+            page_out([q for q in model.parameters()
+                      if not q.requires_grad and id(q) not in converted and q.device.type == "cpu"])
     return freed
 
 
