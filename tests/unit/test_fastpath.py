@@ -300,3 +300,39 @@ def test_holding_a_base_loaded_from_its_file_hands_the_float32_pages_back(tmp_pa
     assert got.keys() == want_linear.keys() and all(torch.equal(got[n], w) for n, w in want_linear.items())
     assert torch.equal(emb, want_emb)  # read back from the file
     assert page_out([torch.ones(1 << 20)]) == 0  # ordinary memory: not advised
+
+
+def test_a_lora_down_projection_after_the_gate_recomputes_the_product_with_the_same_bits():
+    """Inside the training fast path a LoRA down_proj and the SwiGLU gate are one node: loss and every LoRA gradient
+    bit-equal to the separate nodes, and per MLP two intermediate-width tensors saved (gate, up) instead of three."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    ids = torch.randint(0, 97, (2, 9))
+
+    def run(one_node: bool):
+        saved = []
+        with pytest.MonkeyPatch.context() as mp:
+            if not one_node:
+                mp.setattr("posttrain.fastpath.swiglu.FusedForward", type(None))  # down_proj stays its own node
+            with fastpath.training(model, torch.bfloat16, cache={}):
+                with (torch.autocast("cpu", dtype=torch.bfloat16),
+                      torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)):
+                    hidden = model.base_model.model.model(ids).last_hidden_state
+                    loss = hidden.float().logsumexp(-1).mean()
+                grads = torch.autograd.grad(loss, lora)
+        wide = {t.untyped_storage().data_ptr() for t in saved if t.shape[-1] == 128 and t.numel() == 18 * 128}
+        return loss, grads, len(wide)  # activations of the 2 x 9 tokens (not the (4, 128) LoRA A)
+
+    loss, grads, n_one = run(True)
+    loss_ref, grads_ref, n_ref = run(False)
+    assert torch.equal(loss, loss_ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    assert (n_one, n_ref) == (2 * 2, 3 * 2)  # 2 layers

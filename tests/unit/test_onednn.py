@@ -163,7 +163,7 @@ def test_fused_lora_trains_like_peft(dtype, tol):
 
     ref, ref_grads = run()
     with prepacked_linears(frozen_linears(model), dtype), fused_lora(model):
-        assert type(layer.__dict__.get("forward")).__name__ == "_FusedForward"
+        assert type(layer.__dict__.get("forward")).__name__ == "FusedForward"
         out, grads = run()
         with model.disable_adapter(), torch.no_grad():
             bare = model(x.detach())

@@ -42,14 +42,31 @@ def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
+def lora_forward(x2: torch.Tensor, a, b, base: PrepackedWeight, scale: float):
+    """``(y, xa, ac, bc)``: ``y = base(x2) + scale * (x2 A^T) B^T`` for a 2-D input already in the compute dtype,
+    with what the backward needs besides ``x2``."""
+    dtype = base.dtype
+    ac, bc = a.to(dtype), b.to(dtype)
+    xa = x2 @ ac.t()
+    return torch.addmm(base._forward(x2), xa, bc.t(), alpha=scale), xa, ac, bc
+
+
+def lora_backward(g2: torch.Tensor, x2: torch.Tensor, xa, ac, bc, base: PrepackedWeight, scale: float,
+                  needs: tuple[bool, bool, bool]):
+    """``(dx2, dA, dB)`` of :func:`lora_forward` for the output gradient ``g2`` (2-D, compute dtype); ``needs``:
+    which of x, A and B want a gradient (None for the others)."""
+    gxa = (g2 @ bc).mul_(scale)                                            # (M, r)
+    gb = (g2.t() @ xa).mul_(scale) if needs[2] else None
+    ga = gxa.t() @ x2 if needs[1] else None
+    gx = base.grad_input(g2).addmm_(gxa, ac) if needs[0] else None
+    return gx, ga, gb
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, base: PrepackedWeight, scale: float):
-        dtype = base.dtype
-        x2 = _cast_once(x, dtype)
-        ac, bc = a.to(dtype), b.to(dtype)
-        xa = x2 @ ac.t()
-        y = torch.addmm(base._forward(x2), xa, bc.t(), alpha=scale)
+        x2 = _cast_once(x, base.dtype)
+        y, xa, ac, bc = lora_forward(x2, a, b, base, scale)
         ctx.save_for_backward(x2, xa, ac, bc)
         ctx.base, ctx.scale, ctx.x_dtype, ctx.lead = base, scale, x.dtype, x.shape[:-1]
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -58,27 +75,28 @@ class _LoraLinearFn(torch.autograd.Function):
     def backward(ctx, g):
         x2, xa, ac, bc = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1]).to(ac.dtype)
-        gxa = (g2 @ bc).mul_(ctx.scale)                                    # (M, r)
-        gb = (g2.t() @ xa).mul_(ctx.scale) if ctx.needs_input_grad[2] else None
-        ga = gxa.t() @ x2 if ctx.needs_input_grad[1] else None
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = ctx.base.grad_input(g2).addmm_(gxa, ac).view(*ctx.lead, x2.shape[-1]).to(ctx.x_dtype)
+        gx, ga, gb = lora_backward(g2, x2, xa, ac, bc, ctx.base, ctx.scale, ctx.needs_input_grad[:3])
+        if gx is not None:
+            gx = gx.view(*ctx.lead, x2.shape[-1]).to(ctx.x_dtype)
         return gx, ga, gb, None, None
 
 
-class _FusedForward:
+class FusedForward:
     """The forward installed on a LoRA layer by :func:`fused_lora`."""
 
     def __init__(self, layer, adapter: str, base: PrepackedWeight):
         self.layer, self.adapter, self.base = layer, adapter, base
 
-    def __call__(self, x, *args, **kwargs):
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The active adapter's ``(A, B, scaling)``."""
         layer = self.layer
-        if layer.disable_adapters:  # the reference forward (adapters disabled): the base alone
+        return layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight, float(layer.scaling[self.adapter])
+
+    def __call__(self, x, *args, **kwargs):
+        if self.layer.disable_adapters:  # the reference forward (adapters disabled): the base alone
             return self.base.linear(x)
-        a, b = layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight
-        return _LoraLinearFn.apply(x, a, b, self.base, float(layer.scaling[self.adapter]))
+        a, b, scale = self.weights()
+        return _LoraLinearFn.apply(x, a, b, self.base, scale)
 
 
 def _eligible(layer) -> str | None:
@@ -113,7 +131,7 @@ def fused_lora(model: torch.nn.Module):
             name = _eligible(m)
             if base is None or name is None:
                 continue
-            m.forward = _FusedForward(m, name, base)
+            m.forward = FusedForward(m, name, base)
             installed.append(m)
         yield
     finally:
@@ -121,4 +139,4 @@ def fused_lora(model: torch.nn.Module):
             del m.forward
 
 
-__all__ = ["fused_lora"]
+__all__ = ["FusedForward", "fused_lora", "lora_backward", "lora_forward"]
