@@ -206,7 +206,7 @@ def train(cfg: SFTRecipe, resume: bool = False, allow_changes: list[str] | tuple
         t0 = time.perf_counter()
         loss_sum = 0.0
         with fastpath.training(model, compute, cache=prepacked, copies=run.launch in ("single", "ddp"),
-                               hold=True, head_dtype=compute) as head:
+                               hold=True, head_dtype=compute, recompute_attention=True) as head:
             for j, batch in enumerate(batches):
                 with accumulation(run.accelerator, loss_module, j == len(batches) - 1), autocast:
                     loss = loss_module(*_inputs(batch, device), head) * (run.world / global_targets)

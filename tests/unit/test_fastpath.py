@@ -31,7 +31,7 @@ def test_float32_attention_is_a_registered_implementation_and_is_restored():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model(input_ids=ids, attention_mask=attn).logits.float()
             with float32_attention(model, torch.bfloat16):
-                assert model.config._attn_implementation == NAME
+                assert model.config._attn_implementation == NAME_SAVED  # (recompute=True: NAME, below)
                 assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_before  # nothing global replaced
                 mixed = model(input_ids=ids, attention_mask=attn).logits.float()
     assert model.config._attn_implementation == "sdpa"
@@ -245,7 +245,7 @@ def test_float32_attention_recomputed_in_the_backward_gives_the_same_bits_and_sa
         with pytest.MonkeyPatch.context() as mp:
             if not recompute:
                 mp.setattr("posttrain.fastpath.attention.checkpoint", lambda fn, *args, **kw: fn(*args))
-            with float32_attention(model, torch.bfloat16):  # the backward inside it too, as the trainers do
+            with float32_attention(model, torch.bfloat16, recompute=True):  # the backward inside it, as trainers do
                 assert model.config._attn_implementation == (NAME_SAVED if checkpointing else NAME)
                 with (torch.autocast("cpu", dtype=torch.bfloat16),
                       torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)):

@@ -46,18 +46,22 @@ def _head(module: torch.nn.Module) -> Head:
 
 @contextmanager
 def training(model, compute_dtype: torch.dtype | None, *, cache: dict | None = None,
-             copies: bool = True, hold: bool = False, head_dtype: torch.dtype | None = None) -> Iterator[Head]:
+             copies: bool = True, hold: bool = False, head_dtype: torch.dtype | None = None,
+             recompute_attention: bool = False) -> Iterator[Head]:
     """The weights of an update step (see the module docstring); yields the head for the loss.
     ``head_dtype``: the dtype of a frozen head's packed matmul (None: the head weight's own, float32 logits on a
     CPU; the logits go to the log-softmax in float32 either way).
     ``hold`` (trainers that never need the float32 base again in the process: SFT, DPO, reward models): at the
     first call with this ``cache``, a 16-bit ``compute_dtype`` becomes the frozen base's only dtype for the rest of
     the run (:func:`.weights.hold_frozen_in`: the same results, the float32 copy's memory freed).
+    ``recompute_attention``: the float32 attention is recomputed in the backward instead of saving its outputs
+    (:func:`.attention.sdpa_float32`: the same results, less memory, a few percent more time; SFT, DPO and reward
+    models, whose memory is compared with TRL's checkpointed defaults).
     ``copies=False`` (sharded launches: FSDP2, ZeRO) leaves the weights alone and yields None: their tensors are
     whole only inside the prepared module's forward (FSDP2 swaps in unsharded parameters, ZeRO-3 gathers on
     access), so the loss wrapper takes the model's head there; a head made here would hold the shards."""
     if not copies:
-        with float32_attention(model, compute_dtype):
+        with float32_attention(model, compute_dtype, recompute_attention):
             yield None
         return
     weights_dtype = compute_dtype
@@ -65,7 +69,7 @@ def training(model, compute_dtype: torch.dtype | None, *, cache: dict | None = N
         cache[("held",)] = hold_frozen_in(model, compute_dtype)
     decoder, head = decoder_and_head(model)
     with ExitStack() as stack:
-        stack.enter_context(float32_attention(model, compute_dtype))
+        stack.enter_context(float32_attention(model, compute_dtype, recompute_attention))
         if onednn.available(next(model.parameters()).device):
             heads = onednn.frozen_linears(head) if isinstance(head, torch.nn.Linear) else []
             stack.enter_context(onednn.prepacked_linears(onednn.frozen_linears(decoder, exclude=(head,)),

@@ -30,7 +30,7 @@ def sdpa_float32(module, query, key, value, attention_mask, dropout: float = 0.0
     query head and saves the copies for the backward: on a reward-model batch (16 answers of 5 tokens on a 56-token
     prompt cache) 2.2 instead of 18 MiB saved per layer, and 1.5 instead of 7.5 ms forward and backward.
 
-    ``recompute`` (:data:`NAME`; off under :data:`NAME_SAVED`, for models whose layers are checkpointed already):
+    ``recompute`` (:data:`NAME`; off under :data:`NAME_SAVED`):
     while gradients are taken, the attention is recomputed in the backward (``torch.utils.checkpoint``) from the q,
     k and v it was given, instead of saving its float32 output, log-sum-exp, mask and the float32 copy of a bf16
     ``v``: the same kernel on the same inputs, so the same values and gradients, for a second attention forward
@@ -61,9 +61,10 @@ for _name in (NAME, NAME_SAVED):
 
 
 @contextmanager
-def float32_attention(model, compute_dtype: torch.dtype | None):
-    """While the body runs, a model on CPU with sdpa attention and a 16-bit compute dtype attends in float32
-    (recomputed in the backward unless transformers' gradient checkpointing recomputes whole layers already).
+def float32_attention(model, compute_dtype: torch.dtype | None, recompute: bool = False):
+    """While the body runs, a model on CPU with sdpa attention and a 16-bit compute dtype attends in float32;
+    ``recompute``: recomputed in the backward (less memory for a few percent of a GRPO update's time), unless
+    transformers' gradient checkpointing recomputes whole layers already.
     Nothing changes on GPUs, without a compute dtype, or for other attention implementations."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(base.parameters()).device
@@ -72,7 +73,7 @@ def float32_attention(model, compute_dtype: torch.dtype | None):
         yield
         return
     layers_checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
-    base.set_attn_implementation(NAME_SAVED if layers_checkpointed else NAME)
+    base.set_attn_implementation(NAME if recompute and not layers_checkpointed else NAME_SAVED)
     try:
         yield
     finally:

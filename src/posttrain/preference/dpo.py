@@ -300,7 +300,8 @@ def train(cfg: DPORecipe, resume: bool = False, allow_changes: list[str] | tuple
     copies = run.launch in ("single", "ddp")
     tables = None
     if mode == "precomputed":  # before begin(): the weights are still the starting model's
-        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True) as head:
+        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True,
+                               recompute_attention=True) as head:
             tables = precomputed_reference(run, getattr(policy, "module", policy), head,
                                            {"train": train_set, "val": val_set}, t.batch_size * 2, pad_id)
     if run.is_main:
@@ -318,7 +319,8 @@ def train(cfg: DPORecipe, resume: bool = False, allow_changes: list[str] | tuple
         t0 = time.perf_counter()
         sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=device)
         tokens = torch.zeros(3, dtype=torch.float64, device=device)  # PairBatch.counts
-        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True) as head:
+        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True,
+                               recompute_attention=True) as head:
             loss_fn.reference.prefetch(getattr(policy, "module", policy), head, train_set,
                                        [i for idx in batches for i in idx], "train", pad_id, device)
             for j, idx in enumerate(batches):

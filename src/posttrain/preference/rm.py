@@ -194,7 +194,8 @@ def train(cfg: RMRecipe, resume: bool = False, allow_changes: list[str] | tuple[
         batches = micro_batches(step_pairs, t.batch_size, run.rank, run.world)
         t0 = time.perf_counter()
         rewards, tokens = [], 0
-        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True):
+        with fastpath.training(model, compute, cache=prepacked, copies=copies, hold=True,
+                               recompute_attention=True):
             for j, mb in enumerate(batches):
                 batch = PairBatch.build(mb, pad_id).to(device)
                 margin = margins(mb)
