@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
+from posttrain.fastpath.forwards import installed_forwards
 from posttrain.fastpath.onednn import PrepackedWeight, prepacked_weight
 
 _last_cast: tuple | None = None  # (weakref to the input, its version, dtype, its 2-D cast)
@@ -122,21 +123,18 @@ def fused_lora(model: torch.nn.Module):
     except ImportError:  # pragma: no cover - peft is a dependency
         yield
         return
-    installed = []
-    try:
+
+    def fused_forwards():
         for m in model.modules():
             if not isinstance(m, LoraLayer) or "forward" in m.__dict__:
                 continue
             base = prepacked_weight(m.get_base_layer())
             name = _eligible(m)
-            if base is None or name is None:
-                continue
-            m.forward = FusedForward(m, name, base)
-            installed.append(m)
+            if base is not None and name is not None:
+                yield m, FusedForward(m, name, base)
+
+    with installed_forwards(fused_forwards()):
         yield
-    finally:
-        for m in installed:
-            del m.forward
 
 
 __all__ = ["FusedForward", "fused_lora", "lora_backward", "lora_forward"]

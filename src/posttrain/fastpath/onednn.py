@@ -27,6 +27,8 @@ from contextlib import contextmanager
 
 import torch
 
+from posttrain.fastpath.forwards import installed_forwards
+
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -161,17 +163,11 @@ def prepacked_merged_lora(layers: list, dtype: torch.dtype | None = None, rows_h
     """While the body runs (no gradients), each LoRA layer of ``layers`` (:func:`mergeable_lora_layers`) computes
     its whole forward, base plus adapter, with one packed merged weight in ``dtype`` (:func:`merged_weight`):
     the cost of the base model, and the base weights are never written."""
-    installed = []
-    try:
-        with torch.no_grad():
-            for m in layers:
-                m.forward = _PrepackedForward(PrepackedWeight(*merged_weight(m, dtype), grad_input=False,
-                                                        rows_hint=rows_hint))
-                installed.append(m)
+    with torch.no_grad():
+        pairs = [(m, _PrepackedForward(PrepackedWeight(*merged_weight(m, dtype), grad_input=False,
+                                                       rows_hint=rows_hint))) for m in layers]
+    with installed_forwards(pairs):
         yield
-    finally:
-        for m in installed:
-            del m.forward
 
 
 @contextmanager
@@ -181,8 +177,7 @@ def prepacked_linears(modules: list[torch.nn.Linear], dtype: torch.dtype | None 
     weight in ``dtype`` (default: the weight's own; see :class:`PrepackedWeight`), and returns that dtype, as
     autocast to ``dtype`` would; restored after. ``cache`` (a dict kept by the caller) reuses packed copies across
     calls while a weight's storage and version are unchanged: frozen weights are packed once per run."""
-    installed = []
-    try:
+    def packed_forwards():
         for m in modules:
             dt = dtype or m.weight.dtype
             key = (id(m), m.weight.data_ptr(), m.weight._version, dt, grad_input)
@@ -199,12 +194,10 @@ def prepacked_linears(modules: list[torch.nn.Linear], dtype: torch.dtype | None 
                     for k in [k for k in cache if k[0] == id(m) and (k[1:4] != key[1:4] or grad_input)]:
                         del cache[k]  # a stale copy, or one without W.T that this one supersedes
                     cache[key] = packed
-            m.forward = _PrepackedForward(packed)
-            installed.append(m)
+            yield m, _PrepackedForward(packed)
+
+    with installed_forwards(packed_forwards()):
         yield
-    finally:
-        for m in installed:
-            del m.forward
 
 
 __all__ = ["PrepackedWeight", "available", "frozen_linears", "merged_weight", "mergeable_lora_layers", "prepacked_linears",

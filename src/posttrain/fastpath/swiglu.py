@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from posttrain.fastpath.forwards import installed_forwards
 from posttrain.fastpath.fused_lora import FusedForward, lora_backward, lora_forward
 
 # MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (transformers 5)
@@ -98,16 +99,8 @@ def _eligible(module) -> bool:
 @contextmanager
 def fused_swiglu(model: torch.nn.Module):
     """While the body runs, every Llama-family SiLU MLP of ``model`` gates through :func:`swiglu`; restored after."""
-    installed = []
-    try:
-        for m in model.modules():
-            if _eligible(m):
-                m.forward = _MLPForward(m)
-                installed.append(m)
+    with installed_forwards((m, _MLPForward(m)) for m in model.modules() if _eligible(m)):
         yield
-    finally:
-        for m in installed:
-            del m.forward
 
 
 __all__ = ["fused_swiglu", "swiglu"]
