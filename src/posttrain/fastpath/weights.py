@@ -96,7 +96,8 @@ def hold_frozen_in(model, dtype: torch.dtype) -> int:
                 page_out([old])
         if freed:
             # the other frozen weights (embeddings, norms) keep their float32 views; their pages go back too and
-            # only the rows a batch reads come back (an embedding's whole table is never read in training)
+            # only what is read comes back (a reward model reads the embedding rows of its batch; a tied LM head
+            # reads the whole table once, for its packed copy)
             converted = {id(m.weight) for m in decoder.modules() if isinstance(m, torch.nn.Linear)}
             page_out([q for q in model.parameters()
                       if not q.requires_grad and id(q) not in converted and q.device.type == "cpu"])
