@@ -499,6 +499,12 @@ def returned_cache(out):
     return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
 
 
+def layers_checkpointed(model: torch.nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on for a layer of ``model`` (it recomputes whole layers in
+    the backward and drops their key/value cache while gradients are taken)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def decoder_and_head(model):
     """(decoder, lm_head) of a causal LM, through a PEFT wrapper if there is one; (decoder, score) of a sequence
     classifier (a reward model). The decoder returns the final (normed) hidden states, so a loss can apply the

@@ -21,10 +21,18 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterable
+from functools import cache
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MADV_PAGEOUT = 21  # Linux 5.4+
 _done = False
+
+
+@cache
+def _libc():
+    """The C library (raises OSError where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> bool:
@@ -35,8 +43,7 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <<
     if not sys.platform.startswith("linux") or os.environ.get("POSTTRAIN_MALLOC_TUNING", "1") == "0":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...): leave it
         return False
     _done = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) & bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
@@ -55,29 +62,29 @@ def _file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-def page_out(tensors) -> int:
+def page_out(tensors: Iterable) -> int:
     """Ask the kernel to reclaim the resident pages under each tensor's storage that lies in a file mapping
     (``madvise(MADV_PAGEOUT)``): pages read from the file and never written leave the resident set and are read
     from the file again if touched; nothing is lost (a written page is swapped out or stays). Tensors in ordinary
-    memory are left alone (no swapping of anonymous memory). Returns the bytes advised; 0 where the system cannot
-    (not Linux, a kernel before 5.4)."""
-    if not sys.platform.startswith("linux"):
-        return 0
+    memory are left alone (no swapping of anonymous memory). ``tensors`` is consumed one at a time, so a generator
+    may make each just before it is advised. Returns the bytes advised; 0 where the system cannot (not Linux, a
+    kernel before 5.4), after consuming ``tensors`` all the same."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        spans = _file_mappings()
+        libc = _libc() if sys.platform.startswith("linux") else None
+        spans = _file_mappings() if libc is not None else []
     except OSError:
-        return 0
+        libc, spans = None, []
     page = os.sysconf("SC_PAGE_SIZE")
     advised = 0
     for t in tensors:
         storage = t.untyped_storage()
         start, size = storage.data_ptr(), storage.nbytes()
-        if not size or not any(lo <= start and start + size <= hi for lo, hi in spans):
+        if libc is None or not size or not any(lo <= start and start + size <= hi for lo, hi in spans):
             continue
         lo = start - start % page
         if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(start + size - lo), MADV_PAGEOUT) != 0:
-            return advised  # EINVAL: no MADV_PAGEOUT here
+            libc = None  # EINVAL: no MADV_PAGEOUT here
+            continue
         advised += size
     return advised
 

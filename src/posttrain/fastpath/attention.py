@@ -19,6 +19,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from posttrain.models import layers_checkpointed
+
 NAME = "posttrain_sdpa_float32"
 NAME_SAVED = "posttrain_sdpa_float32_saved"  # the same without the backward's recompute
 
@@ -72,8 +74,7 @@ def float32_attention(model, compute_dtype: torch.dtype | None, recompute: bool 
     if device.type != "cpu" or compute_dtype is None or current != "sdpa":
         yield
         return
-    layers_checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
-    base.set_attn_implementation(NAME if recompute and not layers_checkpointed else NAME_SAVED)
+    base.set_attn_implementation(NAME if recompute and not layers_checkpointed(base) else NAME_SAVED)
     try:
         yield
     finally:

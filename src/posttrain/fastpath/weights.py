@@ -79,7 +79,13 @@ def hold_frozen_in(model, dtype: torch.dtype) -> int:
     norms and the head keep their dtype."""
     decoder, head = decoder_and_head(model)
     freed = 0
-    with torch.no_grad():
+
+    def converted():
+        """Each frozen float32 linear weight converted, yielding its float32 tensor. transformers maps a local
+        safetensors file into memory and every weight is a view of that one mapping, so the pages read for a
+        conversion would stay resident (beside the new copy) until the last view dies: handed back one weight at
+        a time (:func:`page_out` consumes this lazily), the float32 weights never add up."""
+        nonlocal freed
         for m in decoder.modules():
             if not isinstance(m, torch.nn.Linear) or m.weight is head.weight:
                 continue
@@ -90,17 +96,17 @@ def hold_frozen_in(model, dtype: torch.dtype) -> int:
             for p in params:
                 freed += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
                 old, p.data = p.data, p.data.to(dtype)
-                # transformers maps a local safetensors file into memory and every weight is a view of that one
-                # mapping, so the pages read for this conversion would stay resident (beside the new copy) until
-                # the last view dies: handed back one weight at a time, the float32 weights never add up
-                page_out([old])
+                yield old
+
+    with torch.no_grad():
+        page_out(converted())
         if freed:
             # the other frozen weights (embeddings, norms) keep their float32 views; their pages go back too and
             # only what is read comes back (a reward model reads the embedding rows of its batch; a tied LM head
             # reads the whole table once, for its packed copy)
-            converted = {id(m.weight) for m in decoder.modules() if isinstance(m, torch.nn.Linear)}
-            page_out([q for q in model.parameters()
-                      if not q.requires_grad and id(q) not in converted and q.device.type == "cpu"])
+            converted_ids = {id(m.weight) for m in decoder.modules() if isinstance(m, torch.nn.Linear)}
+            page_out(q for q in model.parameters()
+                     if not q.requires_grad and id(q) not in converted_ids and q.device.type == "cpu")
     return freed
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from transformers import DynamicCache
 
-from posttrain.models import autocast_to, decoder_and_head, returned_cache, with_cache
+from posttrain.models import (autocast_to, decoder_and_head, layers_checkpointed, returned_cache,
+                              with_cache)
 from posttrain.preference.data import PreferencePair
 
 
@@ -144,5 +145,4 @@ def pair_hidden(model, batch: PairBatch, compute_dtype: torch.dtype | None) -> t
 
 def cache_dropped(decoder: torch.nn.Module) -> bool:
     """Whether transformers' gradient checkpointing will drop the cache in this forward (training, with grad)."""
-    return (decoder.training and torch.is_grad_enabled()
-            and any(getattr(m, "gradient_checkpointing", False) is True for m in decoder.modules()))
+    return decoder.training and torch.is_grad_enabled() and layers_checkpointed(decoder)
